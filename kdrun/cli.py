@@ -1,0 +1,120 @@
+"""`kdrun`: compose the config with Hydra, run the experiment, return the objective for sweepers.
+
+Every user error ends as one line on stderr and a non-zero exit, never a traceback
+(set KDRUN_TRACEBACK=1 to see one anyway).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from kdrun.argv import ArgvError, preflight
+from kdrun.config import register_configs
+from kdrun.errors import KdrunError
+from kdrun.paths import conf_dir
+from kdrun.resume import find_resumable_run
+from kdrun.runner import METRICS_FILE, run_experiment, write_json_atomic
+
+log = logging.getLogger("kdrun")
+register_configs()
+
+# Jobs of a multirun that failed; the sweep goes on and main() reports them at the end.
+_failed_jobs: list[str] = []
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def hydra_entry(cfg: DictConfig) -> Optional[float]:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.resume and not multirun and not (run_dir / "checkpoints" / "last.pt").is_file():
+        previous = find_resumable_run(run_dir, list(hydra_cfg.overrides.task))
+        if previous is None:
+            log.warning("resume=true: no interrupted run with these overrides under %s; starting afresh",
+                        run_dir.parent.parent)
+        else:
+            log.info("resume=true: continuing the interrupted run in %s", previous)
+            run_dir = previous
+    try:
+        return run_experiment(cfg, run_dir)["student"]["top1"]
+    except KdrunError as error:
+        write_json_atomic({"status": "failed", "error": str(error)}, run_dir / METRICS_FILE) \
+            if _has_work(run_dir) else None
+        if not multirun:
+            raise
+        # In a sweep one bad job must not stop the others.
+        log.error("job failed: %s", error)
+        _failed_jobs.append(f"{run_dir.name}: {error}")
+        return None
+
+
+def _has_work(run_dir: Path) -> bool:
+    """Whether the run wrote anything besides Hydra's own files (config copies and the log)."""
+    return run_dir.is_dir() and any(p.name not in (".hydra", "kdrun.log") for p in run_dir.iterdir())
+
+
+def _discard_empty_run_dir() -> None:
+    """A run that failed before doing any work leaves no half-written directory behind."""
+    try:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # Hydra never got as far as creating the run
+        return
+    if run_dir.is_dir() and not _has_work(run_dir):
+        logging.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _one_line(error: BaseException) -> str:
+    """Hydra and OmegaConf messages span lines; keep what names the problem."""
+    parts = [str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__]
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        parts.append(str(cause).strip().splitlines()[0])
+    return ": ".join(parts)
+
+
+def main() -> None:
+    # Hydra prints compose errors over several lines; let them reach us and print one line instead.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    show_traceback = os.environ.get("KDRUN_TRACEBACK") == "1"
+    try:
+        sys.argv[1:] = preflight(sys.argv[1:])
+        hydra_entry()
+    except (KdrunError, ArgvError) as error:
+        _discard_empty_run_dir()
+        if show_traceback:
+            raise
+        print(f"kdrun: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("kdrun: interrupted; continue later with resume=true (or rerun into the same directory)",
+              file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # Hydra's composition and override errors
+        if show_traceback or not _is_config_error(error):
+            raise
+        print(f"kdrun: error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    if _failed_jobs:
+        print(f"kdrun: error: {len(_failed_jobs)} sweep job(s) failed: " + "; ".join(_failed_jobs), file=sys.stderr)
+        sys.exit(1)
+
+
+def _is_config_error(error: Exception) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(error, (HydraException, OmegaConfBaseException))
+
+
+if __name__ == "__main__":
+    main()

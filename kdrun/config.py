@@ -1,0 +1,83 @@
+"""The config schema (typed, checked by OmegaConf at compose time) and the semantic checks that run
+before any training. Each check fails with a one-line KdrunError that says how to fix it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.errors import KdrunError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "???"
+    pretrained: bool = False          # timm's pretrained weights (needs the hub)
+    checkpoint: Optional[str] = None  # a kdrun checkpoint or a plain state dict
+    epochs: Optional[int] = None      # None: the top-level `epochs`
+    lr: Optional[float] = None        # None: the top-level `lr`
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the model constructor
+
+
+@dataclass
+class KdrunConfig:
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    dataset: Dict[str, Any] = field(default_factory=dict)
+    distill: Dict[str, Any] = field(default_factory=dict)
+    optim: Dict[str, Any] = field(default_factory=dict)
+    sched: Dict[str, Any] = field(default_factory=dict)
+    T: float = 4.0
+    alpha: float = 0.9
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    baseline: bool = True
+    resume: bool = False
+    cache_dir: str = "outputs/cache"
+    progress: str = "auto"
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore (config.yaml lists it first in its defaults)."""
+    ConfigStore.instance().store(name="kdrun_schema", node=KdrunConfig)
+    # `${one_minus:${alpha}}` lets a method file weigh CE by (1 - alpha).
+    OmegaConf.register_new_resolver("one_minus", lambda x: 1.0 - float(x), replace=True)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise KdrunError(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks that the typed schema cannot express."""
+    _check(cfg.T > 0, f"T={cfg.T} must be > 0: pass a positive temperature, e.g. T=4")
+    _check(0.0 <= cfg.alpha <= 1.0, f"alpha={cfg.alpha} must be within [0, 1], e.g. alpha=0.9")
+    _check(cfg.epochs >= 1, f"epochs={cfg.epochs} must be >= 1, e.g. epochs=3")
+    _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1, e.g. batch_size=128")
+    _check(cfg.lr > 0, f"lr={cfg.lr} must be > 0, e.g. lr=0.05")
+    _check(cfg.seed >= 0, f"seed={cfg.seed} must be >= 0")
+    for role in ("teacher", "student"):
+        model = cfg[role]
+        _check(model.epochs is None or model.epochs >= 1,
+               f"{role}.epochs={model.epochs} must be >= 1 (or null to use epochs={cfg.epochs})")
+        _check(model.lr is None or model.lr > 0,
+               f"{role}.lr={model.lr} must be > 0 (or null to use lr={cfg.lr})")
+    _check(str(cfg.progress).lower() in ("auto", "true", "false"),
+           f"progress={cfg.progress} must be auto, true or false")
+    _check("name" in cfg.dataset, "the dataset config has no `name`: pick one with dataset=NAME")
+    _check("terms" in cfg.distill and len(cfg.distill.terms) > 0,
+           "the distill config lists no loss terms: pick a method with distill=NAME, e.g. distill=kd")
+
+
+def stage_epochs(cfg: DictConfig, role: str) -> int:
+    return int(cfg[role].epochs if cfg[role].epochs is not None else cfg.epochs)
+
+
+def stage_lr(cfg: DictConfig, role: str) -> float:
+    return float(cfg[role].lr if cfg[role].lr is not None else cfg.lr)

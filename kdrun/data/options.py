@@ -1,0 +1,70 @@
+"""Reading a dataset's config keys: defaults, unknown-key errors, type checks and paths.
+
+Every failure is a one-line KdrunError that names the key (as `dataset.KEY`) and how to fix it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from kdrun.errors import KdrunError
+
+# Keys that any dataset preset may carry for the runner (not the builder), so they are never "unknown".
+RUNNER_KEYS = ("num_workers",)
+
+
+def one_line(text: object) -> str:
+    """Collapse an exception's text to one line, for embedding in a KdrunError message."""
+    return " ".join(str(text).split())
+
+
+def read_options(dataset: str, cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """`defaults` overlaid with `cfg`; a key set to null keeps its default. Unknown keys are errors,
+    because a misspelt key (dataset.augmnet=false) would otherwise be silently ignored."""
+    unknown = sorted(set(cfg) - set(defaults) - set(RUNNER_KEYS))
+    if unknown:
+        raise KdrunError(f"unknown key(s) {', '.join('dataset.' + k for k in unknown)} for dataset {dataset}; "
+                         f"accepted keys: {', '.join(sorted(defaults))}")
+    options = dict(defaults)
+    options.update({key: value for key, value in cfg.items() if value is not None and key in defaults})
+    return options
+
+
+def require_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise KdrunError(f"dataset.{key}={value!r} must be true or false: pass dataset.{key}=true or dataset.{key}=false")
+    return value
+
+
+def require_int(key: str, value: Any, minimum: int) -> int:
+    # bool is an int subclass; `true` is never a meaningful size.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise KdrunError(f"dataset.{key}={value!r} must be an integer >= {minimum}: pass e.g. dataset.{key}={max(minimum, 1)}")
+    return value
+
+
+def require_fraction(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise KdrunError(f"dataset.{key}={value!r} must be a number strictly between 0 and 1: pass e.g. dataset.{key}=0.2")
+    return float(value)
+
+
+def require_channel_stats(key: str, value: Any, in_chans: int) -> tuple[float, ...]:
+    """Per-channel mean or std: one positive-or-zero number per channel (std strictly positive)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    ok = len(values) == in_chans and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 if key == "std" else True) for v in values)
+    if not ok:
+        example = ",".join(["0.5"] * in_chans)
+        raise KdrunError(f"dataset.{key}={value!r} must list {in_chans} number(s), one per channel"
+                         f"{' (all > 0)' if key == 'std' else ''}, to match dataset.in_chans={in_chans}: "
+                         f"pass e.g. dataset.{key}=[{example}]")
+    return tuple(float(v) for v in values)
+
+
+def absolute_path(path: Any) -> str:
+    """An absolute path; a relative one is taken from where kdrun was launched (Hydra's original cwd),
+    so error messages and lookups agree even if a run changes directory."""
+    from hydra.utils import to_absolute_path
+
+    return os.path.abspath(to_absolute_path(os.path.expanduser(str(path))))

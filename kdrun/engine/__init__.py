@@ -1,0 +1,1 @@
+"""The training engine: batches, the loop, evaluation, checkpoints and the stage cache."""

@@ -1,0 +1,71 @@
+"""Batches for training and evaluation.
+
+Datasets that fit in memory (kdrun.data.InMemoryDataset) are sliced as whole tensors, without
+per-sample Python; others go through a torch DataLoader. Shuffling depends only on (seed, epoch), so
+an interrupted run that resumes at epoch k sees the same order as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdrun.data import InMemoryDataset
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels, sample indices
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+class Batches:
+    """An iterable over one epoch's batches, moved to `device`."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, shuffle: bool = False,
+                 seed: int = 0, epoch: int = 0, num_workers: int = 0):
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.shuffle, self.seed, self.epoch, self.num_workers = shuffle, seed, epoch, num_workers
+        # A last training batch of one sample breaks BatchNorm; drop it (it is reshuffled next epoch).
+        self.drop_last = shuffle and len(dataset) % batch_size == 1
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if isinstance(self.dataset, InMemoryDataset):
+            yield from self._tensor_batches()
+        else:
+            yield from self._loader_batches()
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.dataset)
+        if self.shuffle:
+            return torch.randperm(n, generator=epoch_generator(self.seed, self.epoch))
+        return torch.arange(n)
+
+    def _tensor_batches(self) -> Iterator[Batch]:
+        order = self._order()
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            if self.drop_last and len(idx) == 1:
+                break
+            images, labels, indices = self.dataset.batch(idx)
+            yield _to(images, labels, indices, self.device)
+
+    def _loader_batches(self) -> Iterator[Batch]:
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
+            generator=epoch_generator(self.seed, self.epoch), num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        for images, labels, indices in loader:
+            yield _to(images, labels, indices, self.device)
+
+
+def _to(images, labels, indices, device: torch.device) -> Batch:
+    non_blocking = device.type == "cuda"
+    return (images.to(device, non_blocking=non_blocking), torch.as_tensor(labels).to(device, non_blocking=non_blocking),
+            torch.as_tensor(indices).to(device, non_blocking=non_blocking))

@@ -1,0 +1,126 @@
+"""One factory for teachers and students: timm first, torchvision second, kdrun's CIFAR nets third.
+
+A name may carry a source prefix to pick one explicitly: `timm:vgg13`, `torchvision:vgg13`,
+`cifar:vgg13` (timm and torchvision both have an ImageNet vgg13; the CIFAR tables use another).
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import socket
+from urllib.parse import urlparse
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from kdrun.errors import KdrunError
+from kdrun.models.cifar import CIFAR_MODELS, create_cifar_model
+
+SOURCES = ("timm", "torchvision", "cifar")
+
+
+@functools.lru_cache(maxsize=1)
+def _torchvision_classifiers() -> frozenset[str]:
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+def resolve_source(name: str) -> tuple[str, str]:
+    """Return (source, bare name) for a model name, or raise with close matches."""
+    if ":" in name:
+        source, bare = name.split(":", 1)
+        if source == "tv":
+            source = "torchvision"
+        if source not in SOURCES:
+            raise KdrunError(f"unknown model source '{source}' in '{name}': use one of {', '.join(SOURCES)}")
+        known = {"timm": timm.is_model(bare), "torchvision": bare in _torchvision_classifiers(),
+                 "cifar": bare in CIFAR_MODELS}[source]
+        if not known:
+            raise KdrunError(f"unknown {source} model '{bare}'{_suggestion(bare)}")
+        return source, bare
+    if timm.is_model(name):
+        return "timm", name
+    if name in _torchvision_classifiers():
+        return "torchvision", name
+    if name in CIFAR_MODELS:
+        return "cifar", name
+    raise KdrunError(f"unknown model '{name}'{_suggestion(name)}")
+
+
+def _suggestion(name: str) -> str:
+    from kdrun.models.presets import preset_names  # the config presets, e.g. mobilenetv3
+
+    candidates = set(timm.list_models()) | _torchvision_classifiers() | set(CIFAR_MODELS) | set(preset_names())
+    close = difflib.get_close_matches(name, sorted(candidates), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"{hint} Any timm, torchvision or kdrun CIFAR model name works (e.g. student.name=resnet18)"
+
+
+def check_model_name(name: str) -> None:
+    resolve_source(name)
+
+
+def create_model(name: str, num_classes: int, in_chans: int, pretrained: bool = False,
+                 role: str = "model", **kwargs) -> nn.Module:
+    source, bare = resolve_source(name)
+    if source == "timm":
+        if pretrained:
+            return _timm_pretrained(bare, num_classes, in_chans, role, **kwargs)
+        return timm.create_model(bare, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if pretrained:
+        raise KdrunError(f"{role}.pretrained=true needs a timm model, '{name}' is a {source} model: "
+                         f"load weights with {role}.checkpoint=PATH instead")
+    if source == "torchvision":
+        model = torchvision.models.get_model(bare, weights=None, num_classes=num_classes, **kwargs)
+        return _adapt_input_channels(model, in_chans) if in_chans != 3 else model
+    return create_cifar_model(bare, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _timm_pretrained(name: str, num_classes: int, in_chans: int, role: str, **kwargs) -> nn.Module:
+    import huggingface_hub.constants as hub
+
+    # Offline, the hub client retries for about a minute; use the local cache only instead.
+    offline_before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = offline_before or not _hub_reachable()
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except Exception as error:  # the hub raises many types (OSError, HTTP errors, missing tags)
+        reason = "the hub is unreachable (offline?)" if hub.HF_HUB_OFFLINE else type(error).__name__
+        raise KdrunError(f"could not get pretrained weights for {role} '{name}': {reason} and they are not "
+                         f"in the local cache; pass {role}.checkpoint=PATH to load your own weights, or "
+                         f"{role}.pretrained=false to train it here") from error
+    finally:
+        hub.HF_HUB_OFFLINE = offline_before
+
+
+def _adapt_input_channels(model: nn.Module, in_chans: int) -> nn.Module:
+    """torchvision models take 3 channels; swap their first conv for one with `in_chans`."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.in_channels == 3:
+                new = nn.Conv2d(in_chans, child.out_channels, child.kernel_size, child.stride,
+                                child.padding, child.dilation, child.groups, child.bias is not None)
+                setattr(parent, child_name, new)
+                return model
+    raise KdrunError(f"cannot adapt {type(model).__name__} to {in_chans} input channels: "
+                     "use a timm model (it takes in_chans) or a 3-channel dataset")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

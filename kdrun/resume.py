@@ -1,0 +1,36 @@
+"""Finding the interrupted run that `resume=true` continues."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+IGNORED_KEYS = ("resume", "progress")
+
+
+def _comparable(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in IGNORED_KEYS)
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def find_resumable_run(run_dir: Path, overrides: list[str]) -> Optional[Path]:
+    """The newest unfinished run beside `run_dir` (outputs/runs/<date>/<time>) with the same overrides."""
+    runs_root = run_dir.parent.parent
+    wanted = _comparable(overrides)
+    candidates = sorted(runs_root.glob("*/*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for last in candidates:
+        candidate = last.parent.parent
+        if candidate == run_dir or _finished(candidate):
+            continue
+        saved = candidate / ".hydra" / "overrides.yaml"
+        if saved.is_file() and _comparable(list(OmegaConf.load(saved))) == wanted:
+            return candidate
+    return None

@@ -1,0 +1,122 @@
+"""One experiment: teacher, baseline, distilled student, evaluation, metrics.json and a result table."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from kdrun import __version__
+from kdrun.config import validate
+from kdrun.data import build_dataset, describe
+from kdrun.engine.evaluate import predict
+from kdrun.errors import KdrunError
+from kdrun.metrics import classification_metrics, fidelity_metrics
+from kdrun.models import check_model_name, count_parameters
+from kdrun.stages import RunContext, distill_student, obtain_baseline, obtain_teacher
+
+log = logging.getLogger("kdrun")
+METRICS_FILE = "metrics.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise KdrunError(f"device={name} is not a device: use auto, cpu, cuda, cuda:N or mps") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdrunError(f"device={name} but no CUDA GPU is visible: use device=cpu or device=auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise KdrunError(f"device={name} but MPS is not available here: use device=cpu or device=auto")
+    return device
+
+
+def show_progress(setting) -> bool:
+    setting = str(setting).lower()
+    return sys.stderr.isatty() if setting == "auto" else setting == "true"
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run every stage of the experiment described by `cfg`, writing into `run_dir`."""
+    started = time.perf_counter()
+    validate(cfg)
+    check_model_name(cfg.teacher.name)
+    check_model_name(cfg.student.name)
+    device = resolve_device(cfg.device)
+    data = build_dataset(cfg.dataset)
+    log.info("dataset %s; device %s; kdrun %s", describe(data), device, __version__)
+    ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress))
+    resume = bool(cfg.resume) or (run_dir / "checkpoints" / "last.pt").is_file()
+
+    teacher = obtain_teacher(ctx)
+    teacher_logits, labels = predict(teacher.model, data.test, cfg.batch_size, device)
+    teacher_metrics = classification_metrics(teacher_logits, labels)
+    log.info("teacher %s: test top-1 %.2f%%", cfg.teacher.name, 100 * teacher_metrics["top1"])
+
+    baseline_metrics = None
+    if cfg.baseline:
+        baseline = obtain_baseline(ctx)
+        baseline_metrics = classification_metrics(*predict(baseline.model, data.test, cfg.batch_size, device))
+        baseline_metrics.update(name=cfg.student.name, source=baseline.source, path=baseline.path,
+                                params=count_parameters(baseline.model))
+        log.info("baseline %s: test top-1 %.2f%%", cfg.student.name, 100 * baseline_metrics["top1"])
+
+    student = distill_student(ctx, teacher.model, teacher_metrics["top1"], resume)
+    student_logits, _ = predict(student.model, data.test, cfg.batch_size, device)
+    student_metrics = classification_metrics(student_logits, labels)
+    student_metrics.update(fidelity_metrics(student_logits, teacher_logits, cfg.T))
+    student_metrics.update(name=cfg.student.name, params=count_parameters(student.model),
+                           best_top1=student.result.best_top1, best_epoch=student.result.best_epoch,
+                           last_top1=student.result.last_top1)
+    teacher_metrics.update(name=cfg.teacher.name, source=teacher.source, path=teacher.path,
+                           params=count_parameters(teacher.model))
+
+    metrics = {
+        "status": "completed",
+        "kdrun_version": __version__,
+        "dataset": {"name": data.name, "num_classes": data.num_classes, "train_size": len(data.train),
+                    "test_size": len(data.test)},
+        "method": cfg.distill.get("name", "custom"),
+        "T": cfg.T,
+        "alpha": cfg.alpha,
+        "seed": cfg.seed,
+        "device": str(device),
+        "teacher": teacher_metrics,
+        "baseline": baseline_metrics,
+        "student": student_metrics,
+        "gain_over_baseline": (student_metrics["top1"] - baseline_metrics["top1"]) if baseline_metrics else None,
+        "retained": student_metrics["top1"] / teacher_metrics["top1"] if teacher_metrics["top1"] > 0 else None,
+        "compression": teacher_metrics["params"] / student_metrics["params"],
+        "history": student.result.history,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json_atomic(metrics, run_dir / METRICS_FILE)
+    print(result_table(metrics))
+    return metrics
+
+
+def result_table(metrics: dict) -> str:
+    rows = [("teacher", metrics["teacher"]), ("baseline", metrics["baseline"]), ("distilled", metrics["student"])]
+    width = max(len(m["name"]) for _, m in rows if m) + 2
+    lines = [f"{'':10}{'model':{width}}{'top-1':>8}{'top-5':>8}{'params':>9}"]
+    for label, m in rows:
+        if m:
+            lines.append(f"{label:10}{m['name']:{width}}{100 * m['top1']:7.2f}%{100 * m['top5']:7.2f}%"
+                         f"{m['params'] / 1e6:8.2f}M")
+    if metrics["gain_over_baseline"] is not None:
+        lines.append(f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
+                     f"(T={metrics['T']}, alpha={metrics['alpha']}, {metrics['method']})")
+    return "\n".join(lines)

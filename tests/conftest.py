@@ -1,0 +1,37 @@
+"""Shared helpers: run the real `kdrun` command in a subprocess on tiny models and data."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tiny, fast experiment: 16x16 synthetic images, CIFAR-style ResNet-8 student, ResNet-14 teacher.
+TINY = [
+    "dataset=synthetic", "dataset.image_size=16", "dataset.train_size=128", "dataset.test_size=32",
+    "teacher.name=cifar:resnet14", "student.name=cifar:resnet8", "epochs=2", "batch_size=32",
+    "progress=false",
+]
+
+
+def run_kdrun(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("KDRUN_TRACEBACK", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "kdrun.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture
+def kdrun(tmp_path):
+    """Call as kdrun(*args): runs kdrun in tmp_path and returns the completed process."""
+    def call(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return run_kdrun(list(args), tmp_path, timeout)
+    return call

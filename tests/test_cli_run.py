@@ -1,0 +1,122 @@
+"""End-to-end runs of the real `kdrun` command on tiny models and synthetic data."""
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One full run (teacher, baseline, distill), shared by the checks below."""
+    from conftest import run_kdrun
+
+    cwd = tmp_path_factory.mktemp("e2e")
+    run_dir = cwd / "run1"
+    proc = run_kdrun([*TINY, "T=3", f"hydra.run.dir={run_dir}"], cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd, run_dir, proc
+
+
+def test_run_writes_every_output(first_run):
+    _, run_dir, proc = first_run
+    for path in (".hydra/config.yaml", ".hydra/overrides.yaml", "kdrun.log", "metrics.json",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run_dir / path).is_file(), path
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert "gain over baseline" in proc.stdout and "distilled" in proc.stdout
+
+
+def test_metrics_json_has_documented_values(first_run):
+    _, run_dir, _ = first_run
+    metrics = read_metrics(run_dir)
+    assert metrics["status"] == "completed"
+    assert metrics["T"] == 3.0 and metrics["alpha"] == 0.9 and metrics["method"] == "kd"
+    assert metrics["dataset"] == {"name": "synthetic", "num_classes": 10, "train_size": 128, "test_size": 32}
+    for role in ("teacher", "baseline", "student"):
+        for key in ("top1", "top5", "nll", "ece", "params"):
+            assert key in metrics[role], (role, key)
+        assert 0.0 <= metrics[role]["top1"] <= metrics[role]["top5"] <= 1.0
+    assert metrics["gain_over_baseline"] == pytest.approx(metrics["student"]["top1"] - metrics["baseline"]["top1"])
+    assert metrics["teacher"]["source"] == "trained" and metrics["baseline"]["source"] == "trained"
+    assert len(metrics["history"]) == 2
+    assert metrics["student"]["last_top1"] == metrics["history"][-1]["val_top1"]
+    assert metrics["student"]["last_top1"] == pytest.approx(metrics["student"]["top1"])
+    # The teacher learned the synthetic classes (a real training run, not a stub).
+    assert metrics["teacher"]["top1"] > 0.5
+
+
+def test_checkpoints_hold_the_student(first_run):
+    _, run_dir, _ = first_run
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert last["format"] == "kdrun-checkpoint" and last["model_name"] == "cifar:resnet8"
+    assert last["epoch"] == 2 and last["num_classes"] == 10
+
+
+def test_tensorboard_has_loss_terms_lr_and_accuracies(first_run):
+    _, run_dir, _ = first_run
+    events = EventAccumulator(str(run_dir)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_ce", "train/loss_kd", "train/lr", "epoch/train_top1", "epoch/val_top1",
+            "epoch/teacher_val_top1"} <= tags
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(8))  # 128 images / batch 32 = 4 steps per epoch, 2 epochs
+    metrics = read_metrics(run_dir)
+    assert [e.value for e in events.Scalars("epoch/val_top1")] == pytest.approx(
+        [h["val_top1"] for h in metrics["history"]])
+    assert events.Scalars("epoch/teacher_val_top1")[0].value == pytest.approx(metrics["teacher"]["top1"])
+
+
+def test_second_run_with_other_t_reuses_teacher_and_baseline(first_run):
+    from conftest import run_kdrun
+
+    cwd, _, _ = first_run
+    run_dir = cwd / "run2"
+    proc = run_kdrun([*TINY, "T=8", f"hydra.run.dir={run_dir}"], cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert "teacher: reusing cached" in proc.stderr and "baseline: reusing cached" in proc.stderr
+    metrics = read_metrics(run_dir)
+    assert metrics["teacher"]["source"] == "cache" and metrics["baseline"]["source"] == "cache"
+    assert metrics["teacher"]["top1"] == read_metrics(cwd / "run1")["teacher"]["top1"]
+    assert len(list((cwd / "outputs" / "cache" / "teacher").glob("*/model.pt"))) == 1
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run):
+    """SIGKILL a real run after its first checkpoint; resume=true continues it to the same final metrics."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import run_kdrun
+
+    cwd, _, _ = first_run
+    args = [*TINY, "T=2", "student.epochs=6"]
+    full = cwd / "full"
+    assert run_kdrun([*args, f"hydra.run.dir={full}"], cwd).returncode == 0
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdrun.cli", *args, "hydra.run.dir=outputs/runs/x/cut"],
+                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cut = cwd / "outputs" / "runs" / "x" / "cut"
+    deadline = time.time() + 120
+    while not (cut / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "metrics.json").exists(), "the run finished before it could be killed"
+
+    # resume=true from a new invocation finds the interrupted run by its overrides.
+    resumed = run_kdrun([*args, "resume=true", "hydra.run.dir=outputs/runs/x/new"], cwd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"continuing the interrupted run in {cut}" in resumed.stderr
+    done = int(re.search(r"resuming from .* \(epoch (\d)/6 done\)", resumed.stderr).group(1))
+    assert 1 <= done < 6
+    full_metrics, resumed_metrics = read_metrics(full), read_metrics(cut)
+    assert resumed_metrics["history"][-1]["epoch"] == 6
+    assert resumed_metrics["student"]["top1"] == full_metrics["student"]["top1"]
+    assert resumed_metrics["student"]["nll"] == pytest.approx(full_metrics["student"]["nll"], rel=1e-6)

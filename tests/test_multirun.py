@@ -1,0 +1,22 @@
+"""A real Hydra multirun: jobs in their own override-named directories, one teacher and baseline."""
+import pytest
+
+from conftest import TINY, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_job_sweep_trains_teacher_and_baseline_once(kdrun, tmp_path):
+    proc = kdrun("-m", *TINY, "T=1,4", "hydra.sweep.dir=sweep")
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name for p in jobs] == ["0_T=1", "1_T=4"]
+    metrics = [read_metrics(job) for job in jobs]
+    assert [m["T"] for m in metrics] == [1.0, 4.0]
+    assert [m["teacher"]["source"] for m in metrics] == ["trained", "cache"]
+    assert [m["baseline"]["source"] for m in metrics] == ["trained", "cache"]
+    assert proc.stderr.count("teacher: training") == 1
+    assert len(list((tmp_path / "outputs" / "cache" / "teacher").glob("*/model.pt"))) == 1
+    assert len(list((tmp_path / "outputs" / "cache" / "baseline").glob("*/model.pt"))) == 1
+    # One teacher for both jobs: identical teacher accuracy.
+    assert metrics[0]["teacher"]["top1"] == metrics[1]["teacher"]["top1"]
