@@ -42,7 +42,7 @@ def _check_group_override(arg: str) -> str:
         from kdrun.models import check_model_name
 
         for name in values:
-            check_model_name(name)  # raises with close matches
+            check_model_name(name, group)  # raises with close matches
         return f"{group}.name={value}"
     if group in MODEL_GROUPS:
         raise ArgvError(f"{group}={value} mixes presets and model names: sweep over {group}.name=... instead")

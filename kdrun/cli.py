@@ -17,18 +17,23 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+# Only light imports here: bad input is answered before torch and timm load (seconds on a laptop).
 from kdrun.argv import ArgvError, preflight
-from kdrun.config import register_configs
+from kdrun.config import register_configs, validate
 from kdrun.errors import KdrunError
 from kdrun.paths import conf_dir
 from kdrun.resume import find_resumable_run
-from kdrun.runner import METRICS_FILE, run_experiment, write_json_atomic
+from kdrun.run_files import METRICS_FILE, has_work, write_json_atomic
 
 log = logging.getLogger("kdrun")
 register_configs()
 
 # Jobs of a multirun that failed; the sweep goes on and main() reports them at the end.
 _failed_jobs: list[str] = []
+# The directory Hydra made for the current single run, to remove it if the run fails before any work.
+_current_run_dir: list[Path] = []
+# The error that ended a single run. Raising it through Hydra would add Hydra's own lines to stderr.
+_run_error: list[KdrunError] = []
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
@@ -36,6 +41,8 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if not multirun:
+        _current_run_dir.append(run_dir)
     if cfg.resume and not multirun and not (run_dir / "checkpoints" / "last.pt").is_file():
         previous = find_resumable_run(run_dir, list(hydra_cfg.overrides.task))
         if previous is None:
@@ -45,32 +52,28 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
             log.info("resume=true: continuing the interrupted run in %s", previous)
             run_dir = previous
     try:
+        validate(cfg)
+        from kdrun.runner import run_experiment  # heavy: torch, timm, torchvision
+
         return run_experiment(cfg, run_dir)["student"]["top1"]
     except KdrunError as error:
-        write_json_atomic({"status": "failed", "error": str(error)}, run_dir / METRICS_FILE) \
-            if _has_work(run_dir) else None
+        if has_work(run_dir):
+            write_json_atomic({"status": "failed", "error": str(error)}, run_dir / METRICS_FILE)
         if not multirun:
-            raise
+            _run_error.append(error)
+            return None
         # In a sweep one bad job must not stop the others.
         log.error("job failed: %s", error)
         _failed_jobs.append(f"{run_dir.name}: {error}")
         return None
 
 
-def _has_work(run_dir: Path) -> bool:
-    """Whether the run wrote anything besides Hydra's own files (config copies and the log)."""
-    return run_dir.is_dir() and any(p.name not in (".hydra", "kdrun.log") for p in run_dir.iterdir())
-
-
 def _discard_empty_run_dir() -> None:
     """A run that failed before doing any work leaves no half-written directory behind."""
-    try:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # Hydra never got as far as creating the run
-        return
-    if run_dir.is_dir() and not _has_work(run_dir):
-        logging.shutdown()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    for run_dir in _current_run_dir:
+        if run_dir.is_dir() and not has_work(run_dir):
+            logging.shutdown()
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _one_line(error: BaseException) -> str:
@@ -89,6 +92,8 @@ def main() -> None:
     try:
         sys.argv[1:] = preflight(sys.argv[1:])
         hydra_entry()
+        if _run_error:
+            raise _run_error[0]
     except (KdrunError, ArgvError) as error:
         _discard_empty_run_dir()
         if show_traceback:

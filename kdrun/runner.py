@@ -1,9 +1,7 @@
 """One experiment: teacher, baseline, distilled student, evaluation, metrics.json and a result table."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,10 +16,10 @@ from kdrun.engine.evaluate import predict
 from kdrun.errors import KdrunError
 from kdrun.metrics import classification_metrics, fidelity_metrics
 from kdrun.models import check_model_name, count_parameters
+from kdrun.run_files import METRICS_FILE, write_json_atomic
 from kdrun.stages import RunContext, distill_student, obtain_baseline, obtain_teacher
 
 log = logging.getLogger("kdrun")
-METRICS_FILE = "metrics.json"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,18 +41,12 @@ def show_progress(setting) -> bool:
     return sys.stderr.isatty() if setting == "auto" else setting == "true"
 
 
-def write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     """Run every stage of the experiment described by `cfg`, writing into `run_dir`."""
     started = time.perf_counter()
-    validate(cfg)
-    check_model_name(cfg.teacher.name)
-    check_model_name(cfg.student.name)
+    validate(cfg)  # again: callers other than the CLI land here directly
+    check_model_name(cfg.teacher.name, "teacher")
+    check_model_name(cfg.student.name, "student")
     device = resolve_device(cfg.device)
     data = build_dataset(cfg.dataset)
     log.info("dataset %s; device %s; kdrun %s", describe(data), device, __version__)

@@ -120,3 +120,34 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run):
     assert resumed_metrics["history"][-1]["epoch"] == 6
     assert resumed_metrics["student"]["top1"] == full_metrics["student"]["top1"]
     assert resumed_metrics["student"]["nll"] == pytest.approx(full_metrics["student"]["nll"], rel=1e-6)
+
+
+def test_progress_bars_on_a_terminal_plain_lines_otherwise(first_run):
+    """progress=auto draws tqdm bars when stderr is a terminal, and only log lines in a pipe."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    cwd, _, piped = first_run
+    assert "batch/s" not in piped.stderr and "student epoch 1/2" in piped.stderr
+    args = [a for a in TINY if not a.startswith("progress")]
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "kdrun.cli", *args, "T=5", "hydra.run.dir=tty_run"],
+                            cwd=cwd, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0, output.decode(errors="replace")[-2000:]
+    text = output.decode(errors="replace")
+    assert "batch/s" in text or "s/batch" in text  # tqdm's per-batch bar
+    assert "student 1/2" in text

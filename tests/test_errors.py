@@ -5,7 +5,7 @@ import torch
 from conftest import TINY
 
 CASES = {
-    "unknown teacher preset": (["teacher=resnet5O"], "unknown model 'resnet5O'; did you mean 'resnet50'"),
+    "unknown teacher preset": (["teacher=resnet5O"], "unknown teacher model 'resnet5O'; did you mean 'resnet50'"),
     "unknown student name": (["student.name=mobilenetv3_lage_100"], "did you mean 'mobilenetv3_large_100'"),
     "unknown dataset": (["dataset=cifar11"], "unknown dataset 'cifar11'"),
     "unknown dataset name in config": (["dataset.name=cifar11"], "unknown dataset 'cifar11'"),
@@ -18,7 +18,7 @@ CASES = {
     "unknown key": (["teacher.colour=red"], "teacher.colour"),
     "missing checkpoint": (["teacher.checkpoint=nowhere/t.pt"], "no such file"),
     "batch larger than the data": (["batch_size=1000"], "batch_size=1000 is larger than the training set"),
-    "cifar10 files missing": (["dataset=cifar10", "dataset.root=no_data_here"], "download"),
+    "cifar10 files missing": (["dataset=cifar10", "dataset.root=no_data_here"], "dataset.download=true"),
     "pretrained weights offline": (["teacher.name=resnet18", "teacher.pretrained=true"], "teacher.checkpoint=PATH"),
     "device without a GPU": (["device=cuda:3"], "device=cuda:3") if not torch.cuda.is_available() else
     (["device=tpu"], "device=tpu"),
@@ -31,6 +31,8 @@ def assert_one_line_error(proc, expected: str, cwd):
     assert "Traceback" not in proc.stderr
     error_lines = [line for line in lines if line.startswith("kdrun: error:")]
     assert len(error_lines) == 1, proc.stderr
+    # Nothing else but kdrun's own timestamped log lines.
+    assert all(line == error_lines[0] or line.startswith("[") for line in lines), proc.stderr
     assert expected in error_lines[0], error_lines[0]
     runs = cwd / "outputs" / "runs"
     assert not runs.exists() or not any(runs.glob("*/*/.hydra")), "a failed run left its directory behind"
@@ -39,7 +41,8 @@ def assert_one_line_error(proc, expected: str, cwd):
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input(name, kdrun, tmp_path):
     args, expected = CASES[name]
-    assert_one_line_error(kdrun(*TINY, *args), expected, tmp_path)
+    base = TINY if not args[0].startswith("dataset=") else [a for a in TINY if not a.startswith("dataset")]
+    assert_one_line_error(kdrun(*base, *args), expected, tmp_path)
 
 
 def _save(obj, path):

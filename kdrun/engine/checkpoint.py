@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,7 +36,7 @@ def read_checkpoint(path: str | Path, option: str) -> Any:
         raise KdrunError(f"{option}={path} is a directory; pass a checkpoint file such as {path}/best.pt")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as error:
+    except Exception as error:  # unpicklers fail on garbage in many ways (IndexError, KeyError, ...)
         raise KdrunError(f"{option}={path} is not a readable checkpoint ({type(error).__name__}); "
                          "pass a file written by torch.save (a kdrun checkpoint or a state dict)") from error
 
@@ -83,7 +81,8 @@ def load_model_weights(model: nn.Module, path: str | Path, option: str, model_na
     if mismatched:
         key = mismatched[-1]
         got, want = tuple(state[key].shape), tuple(expected[key].shape)
-        if len(got) >= 1 and key == _classifier_key(expected) and got[1:] == want[1:]:
+        classifier = _classifier_key(expected).rsplit(".", 1)[0]
+        if key.rsplit(".", 1)[0] == classifier and got[1:] == want[1:]:
             raise KdrunError(f"{option}={path} has {got[0]} output classes but the dataset has {want[0]}; "
                              "use a checkpoint trained on this dataset or pick the matching dataset")
         raise KdrunError(f"{option}={path} does not fit '{model_name}': '{key}' has shape {got}, the model "

@@ -27,7 +27,7 @@ def _torchvision_classifiers() -> frozenset[str]:
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
-def resolve_source(name: str) -> tuple[str, str]:
+def resolve_source(name: str, role: str = "model") -> tuple[str, str]:
     """Return (source, bare name) for a model name, or raise with close matches."""
     if ":" in name:
         source, bare = name.split(":", 1)
@@ -38,7 +38,7 @@ def resolve_source(name: str) -> tuple[str, str]:
         known = {"timm": timm.is_model(bare), "torchvision": bare in _torchvision_classifiers(),
                  "cifar": bare in CIFAR_MODELS}[source]
         if not known:
-            raise KdrunError(f"unknown {source} model '{bare}'{_suggestion(bare)}")
+            raise KdrunError(f"unknown {role} {source} model '{bare}'{_suggestion(bare)}")
         return source, bare
     if timm.is_model(name):
         return "timm", name
@@ -46,25 +46,29 @@ def resolve_source(name: str) -> tuple[str, str]:
         return "torchvision", name
     if name in CIFAR_MODELS:
         return "cifar", name
-    raise KdrunError(f"unknown model '{name}'{_suggestion(name)}")
+    raise KdrunError(f"unknown {role} model '{name}'{_suggestion(name)}")
 
 
 def _suggestion(name: str) -> str:
     from kdrun.models.presets import preset_names  # the config presets, e.g. mobilenetv3
 
-    candidates = set(timm.list_models()) | _torchvision_classifiers() | set(CIFAR_MODELS) | set(preset_names())
-    close = difflib.get_close_matches(name, sorted(candidates), n=3, cutoff=0.6)
+    # kdrun's own presets first: `resnet5O` should suggest the preset resnet50 before timm's resnet56.
+    presets = preset_names()
+    others = sorted((set(timm.list_models()) | _torchvision_classifiers() | set(CIFAR_MODELS)) - set(presets))
+    close = difflib.get_close_matches(name, presets, n=2, cutoff=0.75)
+    close += [c for c in difflib.get_close_matches(name, others, n=3, cutoff=0.6) if c not in close]
+    close = close[:3]
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return f"{hint} Any timm, torchvision or kdrun CIFAR model name works (e.g. student.name=resnet18)"
 
 
-def check_model_name(name: str) -> None:
-    resolve_source(name)
+def check_model_name(name: str, role: str = "model") -> None:
+    resolve_source(name, role)
 
 
 def create_model(name: str, num_classes: int, in_chans: int, pretrained: bool = False,
                  role: str = "model", **kwargs) -> nn.Module:
-    source, bare = resolve_source(name)
+    source, bare = resolve_source(name, role)
     if source == "timm":
         if pretrained:
             return _timm_pretrained(bare, num_classes, in_chans, role, **kwargs)
