@@ -1,7 +1,7 @@
-"""What a loss term sees at each training step."""
+"""What a loss term sees at each training step, and the shapes it is built for."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -9,8 +9,32 @@ import torch
 
 @dataclass
 class StepContext:
-    student_logits: torch.Tensor
-    targets: torch.Tensor
-    indices: torch.Tensor
+    student_logits: torch.Tensor            # (B, K)
+    targets: torch.Tensor                   # (B,) class indices
+    indices: torch.Tensor                   # (B,) positions of the samples in the training set
     teacher_logits: Optional[torch.Tensor] = None  # None when no term needs the teacher
-    epoch: int = 0                                 # 0-based; some terms warm up over epochs
+    epoch: int = 0                          # 0-based; some terms warm up over epochs
+    # Filled only when a term sets needs_features = True; list i of the student is matched with
+    # list i of the teacher (same spatial reduction where possible). Maps are (B, C, H, W).
+    student_features: Optional[list[torch.Tensor]] = None
+    teacher_features: Optional[list[torch.Tensor]] = None
+    # Pooled penultimate features (B, D): what relation methods (RKD, PKT, CC, CRD) compare.
+    student_embedding: Optional[torch.Tensor] = None
+    teacher_embedding: Optional[torch.Tensor] = None
+
+
+@dataclass
+class FeatureShapes:
+    """Shapes a term with learnable parts (adapters, embeddings, memory banks) is built for.
+
+    Measured once with a dummy batch before training, so every parameter exists before the
+    optimizer is created (no lazy modules).
+    """
+    student_channels: list[int] = field(default_factory=list)
+    teacher_channels: list[int] = field(default_factory=list)
+    student_sizes: list[tuple[int, int]] = field(default_factory=list)   # (H, W) of each matched map
+    teacher_sizes: list[tuple[int, int]] = field(default_factory=list)
+    student_dim: int = 0                    # embedding width
+    teacher_dim: int = 0
+    num_classes: int = 0
+    num_samples: int = 0                    # training-set size (CRD's memory bank)
