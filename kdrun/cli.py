@@ -60,12 +60,20 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
         if has_work(run_dir):
             write_json_atomic({"status": "failed", "error": str(error)}, run_dir / METRICS_FILE)
         if not multirun:
+            _log_to_file_only(f"error: {error}")  # main() prints it once on stderr
             _run_error.append(error)
             return None
         # In a sweep one bad job must not stop the others.
         log.error("job failed: %s", error)
         _failed_jobs.append(f"{run_dir.name}: {error}")
         return None
+
+
+def _log_to_file_only(message: str) -> None:
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _discard_empty_run_dir() -> None:
@@ -89,6 +97,11 @@ def main() -> None:
     # Hydra prints compose errors over several lines; let them reach us and print one line instead.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     show_traceback = os.environ.get("KDRUN_TRACEBACK") == "1"
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        from kdrun.help import help_text
+
+        print(help_text())
+        return
     try:
         sys.argv[1:] = preflight(sys.argv[1:])
         hydra_entry()

@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import KdrunError
+from kdrun.sweep_names import job_dirname
 
 
 @dataclass
@@ -32,8 +33,8 @@ class KdrunConfig:
     T: float = 4.0
     alpha: float = 0.9
     epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.05
+    batch_size: int = 64
+    lr: float = 1e-3
     seed: int = 0
     device: str = "auto"
     baseline: bool = True
@@ -47,6 +48,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="kdrun_schema", node=KdrunConfig)
     # `${one_minus:${alpha}}` lets a method file weigh CE by (1 - alpha).
     OmegaConf.register_new_resolver("one_minus", lambda x: 1.0 - float(x), replace=True)
+    OmegaConf.register_new_resolver("sweep_job_dirname", job_dirname, replace=True)
 
 
 def _check(condition: bool, message: str) -> None:

@@ -11,8 +11,9 @@ import pytest
 
 # Tiny, fast experiment: 16x16 synthetic images, CIFAR-style ResNet-8 student, ResNet-14 teacher.
 TINY = [
-    "dataset=synthetic", "dataset.image_size=16", "dataset.train_size=128", "dataset.test_size=32",
-    "teacher.name=cifar:resnet14", "student.name=cifar:resnet8", "epochs=2", "batch_size=32",
+    "dataset=synthetic", "dataset.image_size=16", "dataset.train_size=320", "dataset.test_size=64",
+    "teacher.name=cifar:resnet14", "student.name=cifar:resnet8", "epochs=4", "batch_size=32",
+    "optim=sgd", "lr=0.05",
     "progress=false",
 ]
 

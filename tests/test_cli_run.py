@@ -34,14 +34,14 @@ def test_metrics_json_has_documented_values(first_run):
     metrics = read_metrics(run_dir)
     assert metrics["status"] == "completed"
     assert metrics["T"] == 3.0 and metrics["alpha"] == 0.9 and metrics["method"] == "kd"
-    assert metrics["dataset"] == {"name": "synthetic", "num_classes": 10, "train_size": 128, "test_size": 32}
+    assert metrics["dataset"] == {"name": "synthetic", "num_classes": 10, "train_size": 320, "test_size": 64}
     for role in ("teacher", "baseline", "student"):
         for key in ("top1", "top5", "nll", "ece", "params"):
             assert key in metrics[role], (role, key)
         assert 0.0 <= metrics[role]["top1"] <= metrics[role]["top5"] <= 1.0
     assert metrics["gain_over_baseline"] == pytest.approx(metrics["student"]["top1"] - metrics["baseline"]["top1"])
     assert metrics["teacher"]["source"] == "trained" and metrics["baseline"]["source"] == "trained"
-    assert len(metrics["history"]) == 2
+    assert len(metrics["history"]) == 4
     assert metrics["student"]["last_top1"] == metrics["history"][-1]["val_top1"]
     assert metrics["student"]["last_top1"] == pytest.approx(metrics["student"]["top1"])
     # The teacher learned the synthetic classes (a real training run, not a stub).
@@ -52,7 +52,7 @@ def test_checkpoints_hold_the_student(first_run):
     _, run_dir, _ = first_run
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert last["format"] == "kdrun-checkpoint" and last["model_name"] == "cifar:resnet8"
-    assert last["epoch"] == 2 and last["num_classes"] == 10
+    assert last["epoch"] == 4 and last["num_classes"] == 10
 
 
 def test_tensorboard_has_loss_terms_lr_and_accuracies(first_run):
@@ -62,7 +62,7 @@ def test_tensorboard_has_loss_terms_lr_and_accuracies(first_run):
     assert {"train/loss", "train/loss_ce", "train/loss_kd", "train/lr", "epoch/train_top1", "epoch/val_top1",
             "epoch/teacher_val_top1"} <= tags
     steps = [e.step for e in events.Scalars("train/loss")]
-    assert steps == list(range(8))  # 128 images / batch 32 = 4 steps per epoch, 2 epochs
+    assert steps == list(range(40))  # 320 images / batch 32 = 10 steps per epoch, 4 epochs
     metrics = read_metrics(run_dir)
     assert [e.value for e in events.Scalars("epoch/val_top1")] == pytest.approx(
         [h["val_top1"] for h in metrics["history"]])
@@ -130,9 +130,15 @@ def test_progress_bars_on_a_terminal_plain_lines_otherwise(first_run):
     import sys
 
     cwd, _, piped = first_run
-    assert "batch/s" not in piped.stderr and "student epoch 1/2" in piped.stderr
+    assert "batch/s" not in piped.stderr and "student epoch 1/4" in piped.stderr
     args = [a for a in TINY if not a.startswith("progress")]
+    import fcntl
+    import struct
+    import termios
+
     leader, follower = pty.openpty()
+    # A terminal 120 columns wide: a new pty has size 0x0, where tqdm draws nothing.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "kdrun.cli", *args, "T=5", "hydra.run.dir=tty_run"],
                             cwd=cwd, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -150,4 +156,4 @@ def test_progress_bars_on_a_terminal_plain_lines_otherwise(first_run):
     assert proc.wait(timeout=300) == 0, output.decode(errors="replace")[-2000:]
     text = output.decode(errors="replace")
     assert "batch/s" in text or "s/batch" in text  # tqdm's per-batch bar
-    assert "student 1/2" in text
+    assert "student 1/4" in text

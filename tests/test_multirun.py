@@ -20,3 +20,15 @@ def test_two_job_sweep_trains_teacher_and_baseline_once(kdrun, tmp_path):
     assert len(list((tmp_path / "outputs" / "cache" / "baseline").glob("*/model.pt"))) == 1
     # One teacher for both jobs: identical teacher accuracy.
     assert metrics[0]["teacher"]["top1"] == metrics[1]["teacher"]["top1"]
+
+
+def test_job_directory_names_keep_only_swept_keys(monkeypatch):
+    from kdrun.sweep_names import job_dirname, swept_keys
+
+    argv = ["kdrun", "-m", "T=1,4", "alpha=range(0.1,0.5,0.2)", "epochs=3", "student.name=cifar:resnet8",
+            "dataset.mean=[0.5,0.5]"]
+    assert swept_keys(argv[1:]) == {"T", "alpha"}
+    monkeypatch.setattr("sys.argv", argv)
+    assert job_dirname(["T=4", "alpha=0.3", "epochs=3", "student.name=cifar:resnet8"]) == "T=4,alpha=0.3"
+    monkeypatch.setattr("sys.argv", ["kdrun", "-m", "student.name=cifar:resnet8"])
+    assert job_dirname(["student.name=cifar:resnet8"]) == "student.name=cifar_resnet8"

@@ -12,12 +12,15 @@ import torch
 from torch import nn
 
 from kdrun.distill.context import StepContext
-from kdrun.distill.response import CrossEntropyTerm, KDTerm
+from kdrun.distill.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm, MLKDTerm
 from kdrun.errors import KdrunError
 
 TERM_TYPES: dict[str, type[nn.Module]] = {
     "ce": CrossEntropyTerm,
     "kd": KDTerm,
+    "dkd": DKDTerm,
+    "dist": DISTTerm,
+    "mlkd": MLKDTerm,
 }
 
 

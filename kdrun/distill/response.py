@@ -1,11 +1,14 @@
 """Response-based terms: they compare the student's logits with labels or with the teacher's logits."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdrun.distill.context import StepContext
+from kdrun.errors import KdrunError
 
 
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -33,13 +36,202 @@ class CrossEntropyTerm(nn.Module):
 
 
 class KDTerm(nn.Module):
-    """Hinton's soft-target term at temperature T."""
+    """Hinton's soft-target term at temperature T.
+
+    With `logit_standardize`, both logits are z-scored per sample first (see `standardize_logits`).
+    """
 
     needs_teacher = True
 
-    def __init__(self, T: float = 4.0):
+    def __init__(self, T: float = 4.0, logit_standardize: bool = False):
         super().__init__()
         self.T = float(T)
+        self.logit_standardize = bool(logit_standardize)
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
-        return kd_divergence(ctx.student_logits, ctx.teacher_logits, self.T)
+        student, teacher = logit_pair(ctx, self.logit_standardize)
+        return kd_divergence(student, teacher, self.T)
+
+
+# --- Logit standardization (Sun, Zhu, Luo, Liu & Zhu, CVPR 2024) -------------------------------------
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Z-score each sample's logits over the classes: (z - mean(z)) / (std(z) + eps).
+
+    Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024 (Algorithm 1): the
+    student then only has to match the teacher's logit *relations*, not their range, and T acts as
+    a base temperature (the paper suggests about 2). std is Bessel-corrected (divides by K - 1),
+    as in the authors' code (torch's default `std`).
+    """
+    mean = logits.mean(dim=1, keepdim=True)
+    std = logits.std(dim=1, keepdim=True)
+    return (logits - mean) / (std + eps)
+
+
+def logit_pair(ctx: StepContext, standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) logits of the step, both z-scored per sample when `standardize` is on."""
+    if not standardize:
+        return ctx.student_logits, ctx.teacher_logits
+    return standardize_logits(ctx.student_logits), standardize_logits(ctx.teacher_logits)
+
+
+def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) from log-probabilities, averaged over the batch."""
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
+# --- DKD (Zhao, Cui, Song, Qiu & Liang, CVPR 2022) ----------------------------------------------------
+
+def _split_target(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split (B, K) logits into the target column (B, 1) and the K - 1 non-target ones (B, K - 1)."""
+    is_target = F.one_hot(targets, logits.shape[1]).bool()
+    # Boolean indexing keeps row-major order and every row has exactly one target.
+    return logits[is_target].view(-1, 1), logits[~is_target].view(logits.shape[0], -1)
+
+
+def _binary_log_probs(target: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """log [p_t, 1 - p_t] as a 2-way log-softmax over (z_t, logsumexp(z_others)): no log(0) ever."""
+    return F.log_softmax(torch.cat([target, others.logsumexp(dim=1, keepdim=True)], dim=1), dim=1)
+
+
+def dkd_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+              T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TCKD, NCKD) of Decoupled Knowledge Distillation, each a batch-mean KL times T^2.
+
+    Zhao et al., CVPR 2022 ("reformulating KD"): with b = [p_t, 1 - p_t] the binary target / non-target
+    probabilities and p^ the softmax over the non-target classes alone, per sample
+        KD = KL(b^T || b^S) + (1 - p_t^T) * KL(p^^T || p^^S) = TCKD + (1 - p_t^T) * NCKD.
+    p^ is a softmax over the K - 1 non-target logits (the target column removed rather than
+    masked with a large negative number): with K = 2 it has one class, so NCKD is exactly 0.
+    """
+    s_target, s_others = _split_target(student_logits / T, targets)
+    t_target, t_others = _split_target(teacher_logits / T, targets)
+    tckd = _kl(_binary_log_probs(s_target, s_others), _binary_log_probs(t_target, t_others))
+    nckd = _kl(F.log_softmax(s_others, dim=1), F.log_softmax(t_others, dim=1))
+    return tckd * (T * T), nckd * (T * T)
+
+
+def warmup_factor(epoch: int, warmup_epochs: int) -> float:
+    """min((epoch + 1) / warmup_epochs, 1) for a 0-based epoch.
+
+    The DKD code (mdistiller) counts epochs from 1 and uses min(epoch / warmup, 1); the +1 keeps
+    the same schedule: 1/warmup in the first epoch, full weight from epoch `warmup_epochs` on.
+    """
+    if warmup_epochs <= 0:
+        return 1.0
+    return min((epoch + 1) / warmup_epochs, 1.0)
+
+
+class DKDTerm(nn.Module):
+    """Decoupled KD: warmup * (alpha * TCKD + beta * NCKD) (Zhao et al., CVPR 2022).
+
+    alpha and beta are DKD's own weights, unrelated to kdrun's top-level alpha.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup_epochs: int = 20,
+                 logit_standardize: bool = False):
+        super().__init__()
+        self.alpha, self.beta, self.T = float(alpha), float(beta), float(T)
+        self.warmup_epochs = int(warmup_epochs)
+        self.logit_standardize = bool(logit_standardize)
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        student, teacher = logit_pair(ctx, self.logit_standardize)
+        tckd, nckd = dkd_parts(student, teacher, ctx.targets, self.T)
+        return warmup_factor(ctx.epoch, self.warmup_epochs) * (self.alpha * tckd + self.beta * nckd)
+
+
+# --- DIST (Huang, You, Wang, Qian & Xu, NeurIPS 2022) -------------------------------------------------
+
+def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation between matching rows of a and b (one value per row)."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inter-class, intra-class) relation losses of DIST, each times T^2 as in the authors' code.
+
+    Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022, with
+    Y = softmax(logits / T) of shape (B, K):
+        inter = 1 - mean_i pearson(Y^S[i, :], Y^T[i, :])   (each sample's class ranking)
+        intra = 1 - mean_j pearson(Y^S[:, j], Y^T[:, j])   (each class's ranking over the batch)
+    A batch of one sample has constant columns: intra is then T^2 with no gradient.
+    """
+    y_s = F.softmax(student_logits / T, dim=1)
+    y_t = F.softmax(teacher_logits / T, dim=1)
+    inter = 1 - pearson_rows(y_s, y_t).mean()
+    intra = 1 - pearson_rows(y_s.t(), y_t.t()).mean()
+    return inter * (T * T), intra * (T * T)
+
+
+class DISTTerm(nn.Module):
+    """DIST: beta * inter-class + gamma * intra-class relation loss (Huang et al., NeurIPS 2022)."""
+
+    needs_teacher = True
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, T: float = 1.0):
+        super().__init__()
+        self.beta, self.gamma, self.T = float(beta), float(gamma), float(T)
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        inter, intra = dist_parts(ctx.student_logits, ctx.teacher_logits, self.T)
+        return self.beta * inter + self.gamma * intra
+
+
+# --- MLKD (Jin, Wang & Lin, CVPR 2023) -----------------------------------------------------------------
+
+def mlkd_levels(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                T: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(instance, batch, class) alignment losses of Multi-Level Logit Distillation at one temperature.
+
+    Jin et al., "Multi-Level Logit Distillation", CVPR 2023, with P = softmax(logits / T), (B, K):
+        instance = T^2 * batch-mean KL(P^T[i] || P^S[i])
+        batch    = ||P^T P^T' - P^S P^S'||_F^2 / B    (B x B sample-similarity Gram matrices)
+        class    = ||P^T' P^T - P^S' P^S||_F^2 / K    (K x K class-correlation matrices)
+    The two matrix terms carry no T^2 factor, as in the authors' code.
+    """
+    instance = kd_divergence(student_logits, teacher_logits, T)
+    p_s = F.softmax(student_logits / T, dim=1)
+    p_t = F.softmax(teacher_logits / T, dim=1)
+    batch_size, num_classes = p_s.shape
+    batch = (p_t @ p_t.t() - p_s @ p_s.t()).pow(2).sum() / batch_size
+    classes = (p_t.t() @ p_t - p_s.t() @ p_s).pow(2).sum() / num_classes
+    return instance, batch, classes
+
+
+class MLKDTerm(nn.Module):
+    """Multi-level logit distillation, averaged over several temperatures (Jin et al., CVPR 2023).
+
+        loss = mean_T [instance_weight * instance(T) + batch_weight * batch(T) + class_weight * class(T)]
+
+    The paper and its code *sum* over the temperatures; the mean keeps the scale independent of how
+    many are listed (weight the term by len(temperatures) to match). The paper's prediction
+    augmentation (weak/strong views) and confidence masking are left out: they need two views of
+    each image, which a loss term does not see.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, temperatures: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0),
+                 instance_weight: float = 1.0, batch_weight: float = 1.0, class_weight: float = 1.0,
+                 logit_standardize: bool = False):
+        super().__init__()
+        self.temperatures = tuple(float(T) for T in temperatures)
+        if not self.temperatures or min(self.temperatures) <= 0:
+            raise KdrunError(f"mlkd temperatures={list(temperatures)} must be a non-empty list of positive "
+                             f"numbers, e.g. [2, 3, 4, 5, 6]")
+        self.level_weights = (float(instance_weight), float(batch_weight), float(class_weight))
+        self.logit_standardize = bool(logit_standardize)
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        student, teacher = logit_pair(ctx, self.logit_standardize)
+        total = 0.0
+        for T in self.temperatures:
+            levels = mlkd_levels(student, teacher, T)
+            total = total + sum(w * level for w, level in zip(self.level_weights, levels))
+        return total / len(self.temperatures)

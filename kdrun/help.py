@@ -1,0 +1,64 @@
+"""`kdrun --help`: kdrun's own page (Hydra's generic one stays behind `--hydra-help`)."""
+from __future__ import annotations
+
+from kdrun.paths import group_options
+
+GROUPS = {
+    "teacher": "teacher model preset (or teacher.name=ANY_TIMM_OR_TORCHVISION_NAME)",
+    "student": "student model preset (or student.name=...)",
+    "dataset": "training data",
+    "distill": "distillation method: its loss terms and their weights",
+    "optim": "optimizer",
+    "sched": "learning-rate schedule",
+}
+
+TOP_LEVEL = [
+    ("T", "distillation temperature (default 4)"),
+    ("alpha", "weight of the distillation term, 1 - alpha weighs hard-label CE (default 0.9)"),
+    ("epochs", "epochs of every stage, unless teacher.epochs / student.epochs (default 3)"),
+    ("batch_size", "default 64"),
+    ("lr", "learning rate of every stage, unless teacher.lr / student.lr (default 1e-3, AdamW)"),
+    ("seed", "default 0"),
+    ("device", "auto (cuda if present, else cpu), cpu, cuda, cuda:N, mps"),
+    ("baseline", "also train the student on hard labels alone (default true)"),
+    ("resume", "continue the newest interrupted run with the same overrides (default false)"),
+    ("teacher.checkpoint", "load the teacher from a kdrun checkpoint or a state dict"),
+    ("teacher.pretrained", "start the teacher from timm's pretrained weights (needs the hub)"),
+]
+
+EXAMPLES = [
+    "kdrun teacher=resnet50 student=mobilenetv3 T=3",
+    "kdrun student=convnext_atto dataset=digits epochs=5",
+    "kdrun teacher.checkpoint=teacher.pt baseline=false",
+    "kdrun -m T=1,2,4,8 alpha=0.5,0.9",
+    "kdrun dataset=imagefolder dataset.root=/data/imagenette teacher=resnet50 student=resnet18",
+]
+
+
+def help_text() -> str:
+    lines = [
+        "kdrun: knowledge distillation in one command.",
+        "",
+        "A run trains (or loads) the teacher, trains the student baseline on hard labels, distils the",
+        "student from the teacher's soft targets, evaluates all three on the test split and prints a",
+        "table. Teacher and baseline are cached by config under outputs/cache and reused. Each run",
+        "writes .hydra/, kdrun.log, metrics.json, checkpoints/ and TensorBoard events into",
+        "outputs/runs/<date>/<time>/ (sweeps: outputs/multirun/...).",
+        "",
+        "usage: kdrun [-m] [GROUP=OPTION ...] [KEY=VALUE ...]",
+        "",
+        "Config groups:",
+    ]
+    for group, meaning in GROUPS.items():
+        lines.append(f"  {group:9} {meaning}")
+        lines.append(f"  {'':9}   {', '.join(group_options(group))}")
+    lines += ["", "Values:"]
+    lines += [f"  {key:20} {meaning}" for key, meaning in TOP_LEVEL]
+    lines += ["", "Examples:"]
+    lines += [f"  {example}" for example in EXAMPLES]
+    lines += [
+        "",
+        "Other flags: -m/--multirun (sweep), --cfg job (print the composed config), --config-dir DIR",
+        "(add your own configs), --hydra-help (Hydra's flags). See README.md for metrics.json keys.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,279 @@
+"""DKD, DIST, MLKD and logit standardization against independent computations of the papers' equations.
+
+The references below use plain Python lists, `math` and numpy, never the helpers of kdrun.distill.response.
+"""
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from kdrun.config import register_configs
+from kdrun.distill import StepContext, build_loss
+from kdrun.distill.response import DISTTerm, DKDTerm, KDTerm, MLKDTerm, dkd_parts, kd_divergence
+from kdrun.errors import KdrunError
+from kdrun.paths import conf_dir
+
+register_configs()
+
+# A fixed 3-sample, 4-class example.
+STUDENT = [[2.0, 1.0, 0.1, -1.0], [0.5, 0.5, 2.5, 0.0], [-1.0, 3.0, 0.0, 1.0]]
+TEACHER = [[3.0, 0.5, 0.0, -0.5], [0.0, 1.0, 3.0, -1.0], [0.5, 2.0, 1.0, 0.0]]
+TARGETS = [0, 2, 3]
+
+
+# --- independent references ---------------------------------------------------------------------------
+
+def softmax(values, T=1.0):
+    exps = [math.exp(v / T) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def kl(p, q):
+    """KL(p || q) of two lists of probabilities."""
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def dkd_reference(student, teacher, targets, T):
+    """TCKD and NCKD as defined in the DKD paper: b = [p_t, 1 - p_t], p^_i = p_i / (1 - p_t) for i != t."""
+    tckd = nckd = 0.0
+    for s, t, y in zip(student, teacher, targets):
+        p_s, p_t = softmax(s, T), softmax(t, T)
+        tckd += kl([p_t[y], 1 - p_t[y]], [p_s[y], 1 - p_s[y]])
+        hat_s = [p / (1 - p_s[y]) for k, p in enumerate(p_s) if k != y]
+        hat_t = [p / (1 - p_t[y]) for k, p in enumerate(p_t) if k != y]
+        nckd += kl(hat_t, hat_s)
+    n = len(student)
+    return T * T * tckd / n, T * T * nckd / n
+
+
+def dist_reference(student, teacher, T, beta, gamma):
+    y_s = np.array([softmax(row, T) for row in student])
+    y_t = np.array([softmax(row, T) for row in teacher])
+    inter = 1 - np.mean([np.corrcoef(y_s[i], y_t[i])[0, 1] for i in range(y_s.shape[0])])
+    intra = 1 - np.mean([np.corrcoef(y_s[:, j], y_t[:, j])[0, 1] for j in range(y_s.shape[1])])
+    return T * T * (beta * inter + gamma * intra)
+
+
+def mlkd_reference(student, teacher, temperatures, weights):
+    """Instance KL, B x B sample-similarity and K x K class-correlation alignments, averaged over T."""
+    total = 0.0
+    for T in temperatures:
+        p_s = [softmax(row, T) for row in student]
+        p_t = [softmax(row, T) for row in teacher]
+        n, k = len(p_s), len(p_s[0])
+        instance = T * T * sum(kl(pt, ps) for ps, pt in zip(p_s, p_t)) / n
+        batch = sum((dot(p_t[i], p_t[j]) - dot(p_s[i], p_s[j])) ** 2 for i in range(n) for j in range(n)) / n
+        class_t = [[sum(p[a] * p[b] for p in p_t) for b in range(k)] for a in range(k)]
+        class_s = [[sum(p[a] * p[b] for p in p_s) for b in range(k)] for a in range(k)]
+        classes = sum((class_t[a][b] - class_s[a][b]) ** 2 for a in range(k) for b in range(k)) / k
+        total += weights[0] * instance + weights[1] * batch + weights[2] * classes
+    return total / len(temperatures)
+
+
+def zscore(values):
+    """Per-sample z-score with the sample (K - 1) standard deviation, as the authors' code."""
+    mean, std = statistics.mean(values), statistics.stdev(values)
+    return [(v - mean) / (std + 1e-7) for v in values]
+
+
+def context(student, teacher, targets=None, epoch=0):
+    student, teacher = torch.as_tensor(student), torch.as_tensor(teacher)
+    if targets is None:
+        targets = torch.zeros(student.shape[0], dtype=torch.long)
+    return StepContext(student, torch.as_tensor(targets), torch.arange(student.shape[0]), teacher, epoch=epoch)
+
+
+# --- DKD ----------------------------------------------------------------------------------------------
+
+def test_dkd_parts_match_the_paper_definitions():
+    T = 2.0
+    tckd, nckd = dkd_parts(torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(TARGETS), T)
+    expected_tckd, expected_nckd = dkd_reference(STUDENT, TEACHER, TARGETS, T)
+    assert tckd.item() == pytest.approx(expected_tckd, rel=1e-5)
+    assert nckd.item() == pytest.approx(expected_nckd, rel=1e-5)
+
+
+def test_dkd_term_weighs_tckd_and_nckd():
+    term = DKDTerm(alpha=0.5, beta=8.0, T=4.0, warmup_epochs=20)
+    tckd, nckd = dkd_reference(STUDENT, TEACHER, TARGETS, 4.0)
+    got = term(context(STUDENT, TEACHER, TARGETS, epoch=25))
+    assert got.item() == pytest.approx(0.5 * tckd + 8.0 * nckd, rel=1e-5)
+
+
+def test_dkd_decomposes_classical_kd_per_sample():
+    # The paper's reformulation: KD = TCKD + (1 - p_t^teacher) * NCKD, sample by sample.
+    T = 3.0
+    for s, t, y in zip(STUDENT, TEACHER, TARGETS):
+        tckd, nckd = dkd_reference([s], [t], [y], T)
+        kd = kd_divergence(torch.tensor([s]), torch.tensor([t]), T).item()
+        assert kd == pytest.approx(tckd + (1 - softmax(t, T)[y]) * nckd, rel=1e-5)
+
+
+def test_dkd_is_zero_for_identical_logits():
+    logits = torch.randn(6, 5)
+    loss = DKDTerm(warmup_epochs=0)(context(logits, logits.clone(), torch.randint(0, 5, (6,))))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_dkd_is_finite_with_two_classes(scale):
+    torch.manual_seed(0)
+    student = (scale * torch.randn(8, 2)).requires_grad_(True)
+    teacher, targets = scale * torch.randn(8, 2), torch.randint(0, 2, (8,))
+    tckd, nckd = dkd_parts(student, teacher, targets, 4.0)
+    assert nckd.item() == 0.0  # one non-target class: its distribution is [1] for both models
+    loss = DKDTerm(warmup_epochs=0)(context(student, teacher, targets))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    # With two classes the binary distribution is the full one: TCKD is classical KD.
+    assert tckd.item() == pytest.approx(kd_divergence(student, teacher, 4.0).item(), rel=1e-5)
+
+
+def test_dkd_warmup_ramps_linearly_from_the_first_epoch():
+    term = DKDTerm(warmup_epochs=20)
+    full = term(context(STUDENT, TEACHER, TARGETS, epoch=100)).item()
+    assert term(context(STUDENT, TEACHER, TARGETS, epoch=0)).item() == pytest.approx(full / 20, rel=1e-6)
+    assert term(context(STUDENT, TEACHER, TARGETS, epoch=9)).item() == pytest.approx(full / 2, rel=1e-6)
+    assert term(context(STUDENT, TEACHER, TARGETS, epoch=19)).item() == pytest.approx(full, rel=1e-6)
+    no_warmup = DKDTerm(warmup_epochs=0)(context(STUDENT, TEACHER, TARGETS, epoch=0)).item()
+    assert no_warmup == pytest.approx(full, rel=1e-6)
+
+
+# --- DIST ---------------------------------------------------------------------------------------------
+
+def test_dist_matches_numpy_pearson():
+    got = DISTTerm(beta=1.0, gamma=2.0, T=2.0)(context(STUDENT, TEACHER))
+    assert got.item() == pytest.approx(dist_reference(STUDENT, TEACHER, 2.0, 1.0, 2.0), rel=1e-4)
+
+
+def test_dist_is_zero_for_identical_logits_and_ignores_shift():
+    logits = torch.randn(6, 5)
+    assert DISTTerm(T=4.0)(context(logits, logits.clone())).item() == pytest.approx(0.0, abs=1e-5)
+    # Softmax ignores a per-sample shift, so the relations are unchanged.
+    shifted = logits + torch.randn(6, 1)
+    assert DISTTerm(T=4.0)(context(shifted, logits)).item() == pytest.approx(0.0, abs=1e-5)
+
+
+# --- MLKD ---------------------------------------------------------------------------------------------
+
+def test_mlkd_matches_the_three_levels_averaged_over_temperatures():
+    term = MLKDTerm(temperatures=[2, 3], instance_weight=1.0, batch_weight=2.0, class_weight=0.5)
+    expected = mlkd_reference(STUDENT, TEACHER, [2.0, 3.0], (1.0, 2.0, 0.5))
+    assert term(context(STUDENT, TEACHER)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mlkd_levels_can_be_switched_off_one_by_one():
+    for weights in [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]:
+        term = MLKDTerm(temperatures=[4.0], instance_weight=weights[0], batch_weight=weights[1],
+                        class_weight=weights[2])
+        expected = mlkd_reference(STUDENT, TEACHER, [4.0], weights)
+        assert term(context(STUDENT, TEACHER)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mlkd_is_zero_for_identical_logits_and_rejects_bad_temperatures():
+    logits = torch.randn(6, 5)
+    assert MLKDTerm()(context(logits, logits.clone())).item() == pytest.approx(0.0, abs=1e-6)
+    for temperatures in ([], [2.0, 0.0]):
+        with pytest.raises(KdrunError, match="temperatures"):
+            build_loss({"terms": {"mlkd": {"type": "mlkd", "temperatures": temperatures}}})
+
+
+# --- logit standardization ----------------------------------------------------------------------------
+
+def test_kd_with_logit_standardization_matches_manual_zscore():
+    T = 2.0
+    expected = T * T * sum(kl(softmax(zscore(t), T), softmax(zscore(s), T))
+                           for s, t in zip(STUDENT, TEACHER)) / len(STUDENT)
+    got = KDTerm(T=T, logit_standardize=True)(context(STUDENT, TEACHER))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # Off by default: plain KD.
+    plain = T * T * sum(kl(softmax(t, T), softmax(s, T)) for s, t in zip(STUDENT, TEACHER)) / len(STUDENT)
+    assert KDTerm(T=T)(context(STUDENT, TEACHER)).item() == pytest.approx(plain, rel=1e-5)
+
+
+def test_logit_standardization_ignores_the_students_logit_shift_and_scale():
+    # The paper's point: the student need not match the teacher's logit range, only its relations.
+    student, teacher = torch.tensor(STUDENT), torch.tensor(TEACHER)
+    rescaled = 3.0 * student + torch.tensor([[1.0], [-2.0], [5.0]])
+    for term in (KDTerm(logit_standardize=True), DKDTerm(warmup_epochs=0, logit_standardize=True),
+                 MLKDTerm(logit_standardize=True)):
+        base = term(context(student, teacher, TARGETS)).item()
+        assert term(context(rescaled, teacher, TARGETS)).item() == pytest.approx(base, rel=1e-4)
+
+
+def test_dkd_and_mlkd_standardize_before_dividing_by_t():
+    manual_s = torch.tensor([zscore(row) for row in STUDENT])
+    manual_t = torch.tensor([zscore(row) for row in TEACHER])
+    for standardized, plain in [(DKDTerm(T=2.0, warmup_epochs=0, logit_standardize=True),
+                                 DKDTerm(T=2.0, warmup_epochs=0)),
+                                (MLKDTerm(temperatures=[2, 4], logit_standardize=True),
+                                 MLKDTerm(temperatures=[2, 4]))]:
+        got = standardized(context(STUDENT, TEACHER, TARGETS)).item()
+        assert got == pytest.approx(plain(context(manual_s, manual_t, TARGETS)).item(), rel=1e-5)
+
+
+# --- every term: gradients, and the method presets ----------------------------------------------------
+
+@pytest.mark.parametrize("term", [KDTerm(logit_standardize=True), DKDTerm(warmup_epochs=0), DISTTerm(T=4.0),
+                                  MLKDTerm(), DKDTerm(warmup_epochs=0, logit_standardize=True)])
+def test_gradients_reach_the_student_logits(term):
+    torch.manual_seed(0)
+    student = torch.randn(8, 10, requires_grad=True)
+    teacher = torch.randn(8, 10, requires_grad=True)
+    loss = term(context(student, teacher, torch.randint(0, 10, (8,))))
+    assert term.needs_teacher and loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def compose_distill(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg.distill, resolve=True)
+
+
+@pytest.mark.parametrize("method", ["dkd", "dist", "mlkd"])
+def test_method_presets_compose_and_build(method):
+    distill = compose_distill(f"distill={method}", "T=2")
+    assert distill["name"] == method and set(distill["terms"]) == {"ce", method}
+    loss = build_loss(distill)
+    assert loss.needs_teacher
+    torch.manual_seed(0)
+    student = torch.randn(16, 10, requires_grad=True)
+    total, parts = loss(StepContext(student, torch.randint(0, 10, (16,)), torch.arange(16),
+                                    torch.randn(16, 10), epoch=30))
+    assert set(parts) == {"ce", method} and torch.isfinite(total)
+    total.backward()
+    assert torch.isfinite(student.grad).all()
+    if method != "mlkd":  # MLKD keeps its own list of temperatures
+        assert loss.terms[method].T == 2.0
+
+
+def test_dkd_preset_defaults_and_overrides():
+    term = build_loss(compose_distill("distill=dkd")).terms["dkd"]
+    assert (term.alpha, term.beta, term.T, term.warmup_epochs, term.logit_standardize) == (1.0, 8.0, 4.0, 20, False)
+    term = build_loss(compose_distill("distill=dkd", "distill.terms.dkd.beta=2", "alpha=0.3")).terms["dkd"]
+    assert (term.alpha, term.beta) == (1.0, 2.0)  # the top-level alpha is not DKD's alpha
+
+
+def test_logit_standardize_switch_reaches_the_terms():
+    for method in ("kd", "dkd", "mlkd"):
+        assert not build_loss(compose_distill(f"distill={method}")).terms[method].logit_standardize
+        on = build_loss(compose_distill(f"distill={method}", "distill.logit_standardize=true"))
+        assert on.terms[method].logit_standardize
+
+
+def test_mlkd_preset_defaults():
+    term = build_loss(compose_distill("distill=mlkd")).terms["mlkd"]
+    assert term.temperatures == (2.0, 3.0, 4.0, 5.0, 6.0) and term.level_weights == (1.0, 1.0, 1.0)
+    term = build_loss(compose_distill("distill=mlkd", "distill.terms.mlkd.temperatures=[1,2]")).terms["mlkd"]
+    assert term.temperatures == (1.0, 2.0)
