@@ -6,12 +6,13 @@ A method's config file lists its terms, e.g. for KD:
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping
+import inspect
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
-from kdrun.distill.context import StepContext
+from kdrun.distill.context import FeatureShapes, StepContext
 from kdrun.distill.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm, MLKDTerm
 from kdrun.errors import KdrunError
 
@@ -36,30 +37,55 @@ class DistillLoss(nn.Module):
     def needs_teacher(self) -> bool:
         return any(getattr(term, "needs_teacher", False) for term in self.terms.values())
 
+    @property
+    def needs_features(self) -> bool:
+        return any(getattr(term, "needs_features", False) for term in self.terms.values())
+
     def forward(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         values = {name: term(ctx) for name, term in self.terms.items()}
         total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
 
 
-def build_loss(distill_cfg: Mapping[str, Any]) -> DistillLoss:
-    terms, weights = {}, {}
+def _term_specs(distill_cfg: Mapping[str, Any]) -> list[tuple[str, type[nn.Module], dict, float]]:
+    """(name, class, options, weight) of every term, with one-line errors for unknown types."""
+    specs = []
     for name, spec in distill_cfg["terms"].items():
         spec = dict(spec)
         kind = spec.pop("type", name)
-        weight = spec.pop("weight", 1.0)
+        weight = float(spec.pop("weight", 1.0))
         if kind not in TERM_TYPES:
             close = difflib.get_close_matches(kind, TERM_TYPES, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise KdrunError(f"unknown loss term type '{kind}' in distill.terms.{name}: "
                              f"choose one of {', '.join(sorted(TERM_TYPES))}{hint}")
-        try:
-            terms[name] = TERM_TYPES[kind](**spec)
-        except TypeError as error:
-            raise KdrunError(f"bad options for distill.terms.{name} ({kind}): {error}") from error
-        weights[name] = float(weight)
-    if all(w == 0 for w in weights.values()):
+        specs.append((name, TERM_TYPES[kind], spec, weight))
+    if all(weight == 0 for *_, weight in specs):
         raise KdrunError("every loss term has weight 0: give at least one distill term a positive weight")
+    return specs
+
+
+def needs_features(distill_cfg: Mapping[str, Any]) -> bool:
+    """Whether any weighted term reads intermediate features (decided before building models' taps)."""
+    return any(getattr(cls, "needs_features", False) for _, cls, _, weight in _term_specs(distill_cfg) if weight)
+
+
+def build_loss(distill_cfg: Mapping[str, Any], shapes: Optional[FeatureShapes] = None) -> DistillLoss:
+    """The weighted terms of a method config; terms with learnable parts are built for `shapes`."""
+    terms, weights = {}, {}
+    for name, cls, options, weight in _term_specs(distill_cfg):
+        if weight == 0:
+            continue
+        if "shapes" in inspect.signature(cls.__init__).parameters:
+            if shapes is None:
+                raise KdrunError(f"distill.terms.{name} needs feature shapes; build the loss through kdrun's "
+                                 "runner, which measures them")
+            options = {**options, "shapes": shapes}
+        try:
+            terms[name] = cls(**options)
+        except TypeError as error:
+            raise KdrunError(f"bad options for distill.terms.{name}: {error}") from error
+        weights[name] = weight
     return DistillLoss(terms, weights)
 
 
@@ -68,4 +94,5 @@ def hard_label_loss() -> DistillLoss:
     return DistillLoss({"ce": CrossEntropyTerm()}, {"ce": 1.0})
 
 
-__all__ = ["DistillLoss", "StepContext", "build_loss", "hard_label_loss", "TERM_TYPES"]
+__all__ = ["DistillLoss", "FeatureShapes", "StepContext", "build_loss", "hard_label_loss", "needs_features",
+           "TERM_TYPES"]

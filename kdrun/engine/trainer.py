@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdrun.distill import DistillLoss, StepContext
+from kdrun.distill import DistillLoss
 from kdrun.engine.checkpoint import FORMAT, save_atomic
 from kdrun.engine.evaluate import predict
+from kdrun.engine.forward import FeaturePairing, StepForward
 from kdrun.engine.loaders import Batches
 from kdrun.engine.optim import build_optimizer, build_scheduler
 from kdrun.errors import KdrunError
@@ -75,7 +76,8 @@ def _set_rng_state(state: dict) -> None:
 
 def train(stage: Stage, model: nn.Module, loss: DistillLoss, train_set, val_set,
           teacher: Optional[nn.Module] = None, resume: bool = True,
-          on_epoch: Optional[Callable[[int, dict], None]] = None) -> StageResult:
+          on_epoch: Optional[Callable[[int, dict], None]] = None,
+          features: Optional[FeaturePairing] = None) -> StageResult:
     """Train `model` with `loss`; save last.pt every epoch and best.pt at the best validation top-1.
 
     With `resume`, a last.pt already in the checkpoint dir is continued instead of starting over.
@@ -107,11 +109,12 @@ def train(stage: Stage, model: nn.Module, loss: DistillLoss, train_set, val_set,
 
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
+    step_forward = StepForward(model, teacher if loss.needs_teacher else None, features)
     epochs_bar = tqdm(range(start_epoch, recipe.epochs), desc=stage.name, unit="epoch",
                       disable=not stage.progress, initial=start_epoch, total=recipe.epochs)
     for epoch in epochs_bar:
         started = time.perf_counter()
-        train_stats = _train_one_epoch(stage, model, loss, train_set, teacher, optimizer, scheduler,
+        train_stats = _train_one_epoch(stage, model, loss, train_set, step_forward, optimizer, scheduler,
                                        epoch, steps_per_epoch)
         val_logits, val_labels = predict(model, val_set, recipe.batch_size, device)
         val_top1 = (val_logits.argmax(1) == val_labels).float().mean().item()
@@ -137,8 +140,8 @@ def train(stage: Stage, model: nn.Module, loss: DistillLoss, train_set, val_set,
     return result
 
 
-def _train_one_epoch(stage: Stage, model, loss, train_set, teacher, optimizer, scheduler, epoch: int,
-                     steps_per_epoch: int) -> dict:
+def _train_one_epoch(stage: Stage, model, loss, train_set, step_forward: StepForward, optimizer, scheduler,
+                     epoch: int, steps_per_epoch: int) -> dict:
     model.train()
     loss.train()
     batches = Batches(train_set, stage.recipe.batch_size, stage.device, shuffle=True,
@@ -150,19 +153,15 @@ def _train_one_epoch(stage: Stage, model, loss, train_set, teacher, optimizer, s
     bar = tqdm(batches, desc=f"{stage.name} {epoch + 1}/{stage.recipe.epochs}", leave=False,
                disable=not stage.progress, unit="batch")
     for images, labels, indices in bar:
-        teacher_logits = None
-        if loss.needs_teacher:
-            with torch.no_grad():
-                teacher_logits = teacher(images)
-        logits = model(images)
-        total, parts = loss(StepContext(logits, labels, indices, teacher_logits, epoch))
+        ctx = step_forward(images, labels, indices, epoch)
+        total, parts = loss(ctx)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
         lrs.append(optimizer.param_groups[0]["lr"])
         scheduler.step()
         step_losses.append(torch.stack([total.detach(), *(v.detach() for v in parts.values())]))
-        correct += (logits.detach().argmax(1) == labels).sum()
+        correct += (ctx.student_logits.detach().argmax(1) == labels).sum()
         seen += labels.numel()
     values = torch.stack(step_losses).float().cpu()
     names = ["loss", *(f"loss_{name}" for name in loss.terms)]

@@ -1,0 +1,72 @@
+"""The forward passes of one training step, producing what the loss terms read (a StepContext).
+
+Three cases, cheapest first: the student alone (teacher and baseline stages, alpha=0), student and
+teacher logits (response-based methods), and intermediate features of both (feature and relation
+methods). Features are computed only when a term asks for them, in the same pass as the logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdrun.distill.context import FeatureShapes, StepContext
+
+
+@dataclass
+class FeaturePairing:
+    """Feature taps of both models and which of their maps are compared (student i <-> teacher i)."""
+    student: nn.Module          # kdrun.models.features.FeatureTaps
+    teacher: nn.Module
+    student_index: list[int]
+    teacher_index: list[int]
+
+    def shapes(self, input_shape: tuple[int, int, int], num_classes: int, num_samples: int) -> FeatureShapes:
+        """Measure the matched maps with one dummy batch (before the optimizer exists)."""
+        dummy = torch.zeros(2, *input_shape, device=_device_of(self.student))
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            _, s_maps, s_emb = self.student(dummy)
+            _, t_maps, t_emb = self.teacher(dummy)
+        self.student.train(was_training)
+        s_maps = [s_maps[i] for i in self.student_index]
+        t_maps = [t_maps[i] for i in self.teacher_index]
+        return FeatureShapes(
+            student_channels=[m.shape[1] for m in s_maps], teacher_channels=[m.shape[1] for m in t_maps],
+            student_sizes=[tuple(m.shape[2:]) for m in s_maps], teacher_sizes=[tuple(m.shape[2:]) for m in t_maps],
+            student_dim=s_emb.shape[1], teacher_dim=t_emb.shape[1], num_classes=num_classes, num_samples=num_samples)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class StepForward:
+    """Runs the models for one batch and packs their outputs for the loss."""
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None,
+                 features: Optional[FeaturePairing] = None):
+        self.student, self.teacher, self.features = student, teacher, features
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, epoch: int) -> StepContext:
+        if self.features is not None:
+            return self._with_features(images, labels, indices, epoch)
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+        return StepContext(self.student(images), labels, indices, teacher_logits, epoch)
+
+    def _with_features(self, images, labels, indices, epoch) -> StepContext:
+        pairing = self.features
+        logits, s_maps, s_emb = pairing.student(images)
+        with torch.no_grad():
+            t_logits, t_maps, t_emb = pairing.teacher(images)
+        return StepContext(
+            logits, labels, indices, t_logits, epoch,
+            student_features=[s_maps[i] for i in pairing.student_index],
+            teacher_features=[t_maps[i] for i in pairing.teacher_index],
+            student_embedding=s_emb, teacher_embedding=t_emb)
