@@ -16,10 +16,12 @@ from torch import nn
 
 from kdrun.config import stage_epochs, stage_lr
 from kdrun.data import DataBundle
-from kdrun.distill import build_loss, hard_label_loss
+from kdrun.distill import build_loss, hard_label_loss, needs_features
 from kdrun.engine.cache import CacheEntry, stage_key
 from kdrun.engine.checkpoint import FORMAT, load_model_weights, save_atomic
+from kdrun.engine.forward import FeaturePairing
 from kdrun.engine.trainer import Recipe, Stage, StageResult, train
+from kdrun.errors import KdrunError
 from kdrun.models import create_model
 from kdrun.tblog import open_writer
 
@@ -77,7 +79,7 @@ def obtain_teacher(ctx: RunContext) -> StageOutcome:
     if checkpoint:
         load_model_weights(model, checkpoint, "teacher.checkpoint", ctx.cfg.teacher.name, ctx.data.num_classes)
         log.info("teacher: loaded %s from %s", ctx.cfg.teacher.name, checkpoint)
-        return StageOutcome(model, "checkpoint", str(checkpoint))
+        return StageOutcome(model.to(ctx.device), "checkpoint", str(checkpoint))
     return _cached_stage(ctx, "teacher", "teacher", model)
 
 
@@ -86,18 +88,48 @@ def obtain_baseline(ctx: RunContext) -> StageOutcome:
 
 
 def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float, resume: bool) -> StageOutcome:
-    model = ctx.build_model("student")
-    loss = build_loss(_plain(ctx.cfg.distill))
+    model = ctx.build_model("student").to(ctx.device)
+    distill_cfg = _plain(ctx.cfg.distill)
+    pairing, shapes = None, None
+    if needs_features(distill_cfg):
+        pairing = pair_features(ctx, model, teacher, distill_cfg)
+        shapes = pairing.shapes((ctx.data.in_chans, *ctx.data.image_size), ctx.data.num_classes,
+                                len(ctx.data.train))
+        log.info("features: student %s <-> teacher %s", [pairing.student.names[i] for i in pairing.student_index],
+                 [pairing.teacher.names[i] for i in pairing.teacher_index])
+    loss = build_loss(distill_cfg, shapes)
     writer = open_writer(ctx.run_dir)
     stage = Stage("student", ctx.recipe("student"), ctx.device, ctx.run_dir / "checkpoints",
                   ctx.meta("student"), writer, ctx.progress, {"teacher": teacher_top1},
                   num_workers=ctx.data_workers)
     try:
         result = train(stage, model, loss, ctx.data.train, ctx.data.test,
-                       teacher=teacher if loss.needs_teacher else None, resume=resume)
+                       teacher=teacher if loss.needs_teacher else None, resume=resume, features=pairing)
     finally:
         writer.close()
     return StageOutcome(model, "trained", str(ctx.run_dir / "checkpoints" / "last.pt"), result)
+
+
+def pair_features(ctx: RunContext, student: nn.Module, teacher: nn.Module, distill_cfg: dict) -> FeaturePairing:
+    """Taps on both models and the pairs of maps the feature terms compare.
+
+    Stages are matched by spatial reduction unless the user names layers on both sides
+    (distill.student_layers / distill.teacher_layers), which then pair up in order.
+    """
+    from kdrun.models.features import build_feature_taps, match_stages  # only feature methods pay for it
+
+    input_shape = (ctx.data.in_chans, *ctx.data.image_size)
+    student_layers, teacher_layers = distill_cfg.get("student_layers"), distill_cfg.get("teacher_layers")
+    student_taps = build_feature_taps(student, ctx.cfg.student.name, input_shape, student_layers, role="student")
+    teacher_taps = build_feature_taps(teacher, ctx.cfg.teacher.name, input_shape, teacher_layers, role="teacher")
+    if student_layers and teacher_layers:
+        if len(student_layers) != len(teacher_layers):
+            raise KdrunError(f"distill.student_layers names {len(student_layers)} layers and distill.teacher_layers "
+                             f"{len(teacher_layers)}; name as many on both sides, they pair up in order")
+        pairs = list(range(len(student_layers))), list(range(len(teacher_layers)))
+    else:
+        pairs = match_stages(student_taps, teacher_taps)
+    return FeaturePairing(student_taps, teacher_taps, *pairs)
 
 
 def _cached_stage(ctx: RunContext, stage_name: str, role: str, model: nn.Module) -> StageOutcome:
@@ -111,7 +143,7 @@ def _cached_stage(ctx: RunContext, stage_name: str, role: str, model: nn.Module)
         if entry.exists():
             load_model_weights(model, entry.model_path, f"{stage_name} cache", model_cfg.name, ctx.data.num_classes)
             log.info("%s: reusing cached %s from %s", stage_name, model_cfg.name, entry.directory)
-            return StageOutcome(model, "cache", str(entry.model_path))
+            return StageOutcome(model.to(ctx.device), "cache", str(entry.model_path))
         log.info("%s: training %s for %d epochs (cached in %s)", stage_name, model_cfg.name, recipe.epochs,
                  entry.directory)
         entry.write_spec(spec)
