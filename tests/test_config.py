@@ -7,7 +7,7 @@ from kdrun.config import register_configs, validate
 from kdrun.paths import conf_dir, group_options
 
 register_configs()
-GROUPS = ["teacher", "student", "dataset", "distill", "optim", "sched"]
+GROUPS = ["teacher", "student", "dataset", "distill", "optim", "sched", "experiment"]
 
 
 def compose_with(*overrides: str):
@@ -46,3 +46,15 @@ def test_defaults_are_the_documented_ones():
     cfg = compose_with()
     assert (cfg.teacher.name, cfg.student.name, cfg.dataset.name) == ("resnet50", "mobilenetv3_large_100", "mnist5k")
     assert cfg.device == "auto" and cfg.baseline is True and cfg.resume is False
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_cifar100_experiments_carry_the_papers_recipe(experiment):
+    cfg = compose_with(f"experiment={experiment}", "T=2")
+    assert cfg.dataset.name == "cifar100" and cfg.epochs == 240 and cfg.batch_size == 64
+    assert cfg.optim.name == "sgd" and cfg.optim.weight_decay == 5e-4 and cfg.optim.momentum == 0.9
+    assert cfg.sched.name == "multistep" and list(cfg.sched.milestones) == [150, 180, 210] and cfg.sched.gamma == 0.1
+    small_student = any(k in cfg.student.name for k in ("mobilenet", "shufflenet"))
+    assert cfg.lr == (0.01 if small_student else 0.05)
+    assert cfg.T == 2.0  # command-line values still win over the recipe
+    assert cfg.teacher.name.startswith("cifar:") and cfg.student.name.startswith("cifar:")

@@ -91,6 +91,17 @@ class CifarNet(nn.Module):
             features.append(stage(features[-1]))
         return features
 
+    def forward_with_features(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Logits, the ``forward_features_list`` maps and the embedding, from one pass.
+
+        The embedding is the classifier's input: the pooled (and, for the mobile nets,
+        widened) last map, of shape (batch, ``head[-1].in_features``).
+        """
+        features = self.forward_features_list(x)
+        # Every head is ``classifier(...)``: pooling layers, then one Linear; split before it.
+        embedding = self.head[:-1](features[-1])
+        return self.head[-1](embedding), features, embedding
+
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape (batch, num_classes)."""
-        return self.head(self.forward_features_list(x)[-1])
+        return self.forward_with_features(x)[0]

@@ -1,0 +1,164 @@
+"""Intermediate features of any teacher or student, for feature-based distillation.
+
+:func:`build_feature_taps` wraps a model so that ONE forward pass returns its logits, its
+feature maps and its embedding (the classifier's input), using what each library offers
+rather than forward hooks:
+
+- kdrun's CIFAR nets: their ``forward_with_features`` (stem and stage outputs);
+- timm models: ``forward_intermediates`` (the ``feature_info`` stages) and ``forward_head``
+  (see :mod:`kdrun.models.features_timm`);
+- torchvision models, and timm models without ``forward_intermediates``: torchvision's
+  ``create_feature_extractor`` on the FX graph (see :mod:`kdrun.models.features_fx`).
+
+:func:`match_stages` then pairs the student's maps with the teacher's.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from kdrun.errors import KdrunError
+from kdrun.models.cifar_common import CifarNet
+from kdrun.models.features_common import FeatureTaps, TapOutput, layer_not_found
+from kdrun.models.features_fx import build_fx_taps, fx_layer_names
+from kdrun.models.features_timm import (
+    TimmTaps,
+    has_forward_intermediates,
+    timm_indices,
+    timm_stage_names,
+    timm_tracer_kwargs,
+)
+
+__all__ = ["FeatureTaps", "TapOutput", "build_feature_taps", "list_feature_layers", "match_stages"]
+
+
+class CifarTaps(FeatureTaps):
+    """kdrun's CIFAR nets compute logits, stem/stage maps and embedding in one method."""
+
+    def __init__(self, model: CifarNet, model_name: str, indices: list[int], names: Sequence[str], role: str) -> None:
+        super().__init__(model, model_name, names, role)
+        self._indices = indices
+
+    def _tap(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        logits, maps, embedding = self.model.forward_with_features(x)
+        return logits, [maps[i] for i in self._indices], embedding
+
+
+def _cifar_names(model: CifarNet) -> list[str]:
+    return ["stem", *(f"stages.{i}" for i in range(len(model.stages)))]
+
+
+def _cifar_indices(model: CifarNet, model_name: str, layers: Sequence[str] | None, role: str) -> list[int]:
+    names = _cifar_names(model)
+    if layers is None:
+        return list(range(len(names)))
+    chosen = set()
+    for layer in map(str, layers):
+        if layer in names:
+            chosen.add(names.index(layer))
+        elif re.fullmatch(r"-?\d+", layer) and -len(names) <= int(layer) < len(names):
+            chosen.add(int(layer) % len(names))
+        else:
+            raise layer_not_found(role, layer, model_name, [*names, f"or an index 0-{len(names) - 1}"])
+    return sorted(chosen)
+
+
+def build_feature_taps(model: nn.Module, model_name: str, input_shape: tuple[int, int, int],
+                       layers: Sequence[str] | None = None, role: str = "student") -> FeatureTaps:
+    """Wrap ``model`` so that one forward returns (logits, feature maps, embedding).
+
+    Args:
+        model: a model from :func:`kdrun.models.factory.create_model`.
+        model_name: its name, for messages.
+        input_shape: (C, H, W) of the dataset; one dummy batch of it is run (no_grad, eval
+            mode, each module's mode restored after) to measure channels and reductions.
+        layers: None for the model's natural stages (timm's feature_info stages; for
+            torchvision the block outputs after which the spatial size changes; for the CIFAR
+            nets the stem and each stage). Else exactly those: timm feature_info module names
+            or their indices, torchvision graph node or module names, CIFAR ``stem``,
+            ``stages.i`` or indices. The maps come shallow to deep whatever the given order.
+        role: "student" or "teacher", for messages.
+
+    Raises:
+        KdrunError: a layer that does not exist (listing those that do), a layer that is not a
+            (B, C, H, W) map, or a model that cannot run on ``input_shape`` or be traced.
+    """
+    input_shape = tuple(int(d) for d in input_shape)
+    if isinstance(model, CifarNet):
+        indices = _cifar_indices(model, model_name, layers, role)
+        names = _cifar_names(model)
+        taps: FeatureTaps = CifarTaps(model, model_name, indices, [names[i] for i in indices], role)
+    elif has_forward_intermediates(model):
+        indices, names = timm_indices(model, model_name, layers, role)
+        taps = TimmTaps(model, model_name, indices, names, role)
+    else:
+        taps = _fx_taps(model, model_name, input_shape, layers, role)
+    return taps.measure(input_shape)
+
+
+def _fx_taps(model: nn.Module, model_name: str, input_shape: tuple[int, int, int],
+             layers: Sequence[str] | None, role: str) -> FeatureTaps:
+    if not _is_timm(model):
+        return build_fx_taps(model, model_name, input_shape, layers, role)
+    # A timm model without forward_intermediates: FX with timm's tracer settings, tapping its
+    # feature_info stages by default (module names, which create_feature_extractor accepts).
+    stages = timm_stage_names(model)
+    if layers is None and stages:
+        try:
+            return build_fx_taps(model, model_name, input_shape, stages, role, timm_tracer_kwargs())
+        except KdrunError:  # feature_info names a module FX traced away: find the stages as for torchvision
+            pass
+    return build_fx_taps(model, model_name, input_shape, layers, role, timm_tracer_kwargs())
+
+
+def _is_timm(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.")
+
+
+def list_feature_layers(model: nn.Module, model_name: str) -> list[str]:
+    """The names :func:`build_feature_taps` accepts in ``layers`` for this model.
+
+    timm: feature_info module names (their indices work too); torchvision: graph node names
+    (module names work too); CIFAR nets: ``stem``, ``stages.0``, ...
+    """
+    if isinstance(model, CifarNet):
+        return _cifar_names(model)
+    if has_forward_intermediates(model):
+        return timm_stage_names(model)
+    return fx_layer_names(model, timm_tracer_kwargs() if _is_timm(model) else None)
+
+
+def match_stages(student: FeatureTaps, teacher: FeatureTaps, max_pairs: int | None = None
+                 ) -> tuple[list[int], list[int]]:
+    """Pair student and teacher maps; returns (student indices, teacher indices), shallow to deep.
+
+    Maps of equal spatial reduction are paired, each reduction at most once; where one side has
+    several maps at a reduction, its deepest. With ``max_pairs``, the deepest pairs are kept.
+
+    If no reduction is shared (e.g. a ViT whose maps are all 1/16 against a CNN probed on tiny
+    images), maps are paired by relative depth instead: ``n = min(len(s), len(t), max_pairs)``
+    evenly spaced maps of each side, always including the deepest. Such pairs differ in size,
+    so the distillation adapters must resize.
+    """
+    deepest_s = _deepest_per_reduction(student.reductions)
+    deepest_t = _deepest_per_reduction(teacher.reductions)
+    shared = sorted(set(deepest_s) & set(deepest_t), key=lambda r: deepest_s[r])
+    if max_pairs is not None:
+        shared = shared[len(shared) - max_pairs:] if max_pairs > 0 else []
+    if shared:
+        return [deepest_s[r] for r in shared], [deepest_t[r] for r in shared]
+    count = min(len(student.reductions), len(teacher.reductions))
+    if max_pairs is not None:
+        count = min(count, max(max_pairs, 0))
+    return _spread(len(student.reductions), count), _spread(len(teacher.reductions), count)
+
+
+def _deepest_per_reduction(reductions: Sequence[int]) -> dict[int, int]:
+    return {r: i for i, r in enumerate(reductions)}  # later (deeper) indices overwrite
+
+
+def _spread(length: int, count: int) -> list[int]:
+    """``count`` evenly spaced indices of ``range(length)``, ending with the last."""
+    return [-(-(k + 1) * length // count) - 1 for k in range(count)]
