@@ -15,7 +15,8 @@ from kdrun.data import build_dataset, describe
 from kdrun.engine.evaluate import predict
 from kdrun.errors import KdrunError
 from kdrun.metrics import classification_metrics, fidelity_metrics
-from kdrun.models import check_model_name, count_parameters
+from kdrun.cost import model_cost, timing_context
+from kdrun.models import check_model_name
 from kdrun.run_files import METRICS_FILE, write_json_atomic
 from kdrun.stages import RunContext, distill_student, obtain_baseline, obtain_teacher
 
@@ -53,6 +54,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress))
     resume = bool(cfg.resume) or (run_dir / "checkpoints" / "last.pt").is_file()
 
+    input_shape = (data.in_chans, *data.image_size)
+
+    def cost(model) -> dict:
+        return model_cost(model, input_shape, cfg.batch_size, device)
+
     teacher = obtain_teacher(ctx)
     teacher_logits, labels = predict(teacher.model, data.test, cfg.batch_size, device)
     teacher_metrics = classification_metrics(teacher_logits, labels)
@@ -63,18 +69,17 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
         baseline = obtain_baseline(ctx)
         baseline_metrics = classification_metrics(*predict(baseline.model, data.test, cfg.batch_size, device))
         baseline_metrics.update(name=cfg.student.name, source=baseline.source, path=baseline.path,
-                                params=count_parameters(baseline.model))
+                                **cost(baseline.model))
         log.info("baseline %s: test top-1 %.2f%%", cfg.student.name, 100 * baseline_metrics["top1"])
 
     student = distill_student(ctx, teacher.model, teacher_metrics["top1"], resume)
     student_logits, _ = predict(student.model, data.test, cfg.batch_size, device)
     student_metrics = classification_metrics(student_logits, labels)
     student_metrics.update(fidelity_metrics(student_logits, teacher_logits, cfg.T))
-    student_metrics.update(name=cfg.student.name, params=count_parameters(student.model),
+    student_metrics.update(name=cfg.student.name, **cost(student.model),
                            best_top1=student.result.best_top1, best_epoch=student.result.best_epoch,
                            last_top1=student.result.last_top1)
-    teacher_metrics.update(name=cfg.teacher.name, source=teacher.source, path=teacher.path,
-                           params=count_parameters(teacher.model))
+    teacher_metrics.update(name=cfg.teacher.name, source=teacher.source, path=teacher.path, **cost(teacher.model))
 
     metrics = {
         "status": "completed",
@@ -92,6 +97,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
         "gain_over_baseline": (student_metrics["top1"] - baseline_metrics["top1"]) if baseline_metrics else None,
         "retained": student_metrics["top1"] / teacher_metrics["top1"] if teacher_metrics["top1"] > 0 else None,
         "compression": teacher_metrics["params"] / student_metrics["params"],
+        "speedup": teacher_metrics["latency_ms"] / student_metrics["latency_ms"],
+        "timing": timing_context(device),
         "history": student.result.history,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -103,11 +110,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
 def result_table(metrics: dict) -> str:
     rows = [("teacher", metrics["teacher"]), ("baseline", metrics["baseline"]), ("distilled", metrics["student"])]
     width = max(len(m["name"]) for _, m in rows if m) + 2
-    lines = [f"{'':10}{'model':{width}}{'top-1':>8}{'top-5':>8}{'params':>9}"]
+    lines = [f"{'':10}{'model':{width}}{'top-1':>8}{'top-5':>8}{'params':>9}{'MFLOPs':>9}{'latency':>10}"]
     for label, m in rows:
         if m:
             lines.append(f"{label:10}{m['name']:{width}}{100 * m['top1']:7.2f}%{100 * m['top5']:7.2f}%"
-                         f"{m['params'] / 1e6:8.2f}M")
+                         f"{m['params'] / 1e6:8.2f}M{m['flops'] / 1e6:9.1f}{m['latency_ms']:8.2f}ms")
     if metrics["gain_over_baseline"] is not None:
         lines.append(f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
                      f"(T={metrics['T']}, alpha={metrics['alpha']}, {metrics['method']})")

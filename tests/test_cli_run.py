@@ -36,12 +36,15 @@ def test_metrics_json_has_documented_values(first_run):
     assert metrics["T"] == 3.0 and metrics["alpha"] == 0.9 and metrics["method"] == "kd"
     assert metrics["dataset"] == {"name": "synthetic", "num_classes": 10, "train_size": 320, "test_size": 64}
     for role in ("teacher", "baseline", "student"):
-        for key in ("top1", "top5", "nll", "ece", "params"):
+        for key in ("top1", "top5", "nll", "ece", "params", "flops", "latency_ms", "throughput"):
             assert key in metrics[role], (role, key)
         assert 0.0 <= metrics[role]["top1"] <= metrics[role]["top5"] <= 1.0
     assert metrics["gain_over_baseline"] == pytest.approx(metrics["student"]["top1"] - metrics["baseline"]["top1"])
     assert metrics["teacher"]["source"] == "trained" and metrics["baseline"]["source"] == "trained"
     assert len(metrics["history"]) == 4
+    assert metrics["compression"] == pytest.approx(metrics["teacher"]["params"] / metrics["student"]["params"])
+    assert metrics["teacher"]["flops"] > metrics["student"]["flops"] > 0
+    assert metrics["timing"]["threads"] >= 1 and metrics["timing"]["device"] == "cpu"
     assert metrics["student"]["last_top1"] == metrics["history"][-1]["val_top1"]
     assert metrics["student"]["last_top1"] == pytest.approx(metrics["student"]["top1"])
     # The teacher learned the synthetic classes (a real training run, not a stub).

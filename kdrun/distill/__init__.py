@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
+from kdrun.distill.feature import FEATURE_TERMS
 from kdrun.distill.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm, MLKDTerm
 from kdrun.errors import KdrunError
 
@@ -22,6 +23,7 @@ TERM_TYPES: dict[str, type[nn.Module]] = {
     "dkd": DKDTerm,
     "dist": DISTTerm,
     "mlkd": MLKDTerm,
+    **FEATURE_TERMS,
 }
 
 

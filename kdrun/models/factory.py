@@ -122,9 +122,5 @@ def _adapt_input_channels(model: nn.Module, in_chans: int) -> nn.Module:
                      "use a timm model (it takes in_chans) or a 3-channel dataset")
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device

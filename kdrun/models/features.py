@@ -14,14 +14,13 @@ rather than forward hooks:
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
 from kdrun.errors import KdrunError
 from kdrun.models.cifar_common import CifarNet
-from kdrun.models.features_common import FeatureTaps, TapOutput, layer_not_found
+from kdrun.models.features_common import FeatureTaps, TapOutput, pick_indices
 from kdrun.models.features_fx import build_fx_taps, fx_layer_names
 from kdrun.models.features_timm import (
     TimmTaps,
@@ -50,21 +49,6 @@ def _cifar_names(model: CifarNet) -> list[str]:
     return ["stem", *(f"stages.{i}" for i in range(len(model.stages)))]
 
 
-def _cifar_indices(model: CifarNet, model_name: str, layers: Sequence[str] | None, role: str) -> list[int]:
-    names = _cifar_names(model)
-    if layers is None:
-        return list(range(len(names)))
-    chosen = set()
-    for layer in map(str, layers):
-        if layer in names:
-            chosen.add(names.index(layer))
-        elif re.fullmatch(r"-?\d+", layer) and -len(names) <= int(layer) < len(names):
-            chosen.add(int(layer) % len(names))
-        else:
-            raise layer_not_found(role, layer, model_name, [*names, f"or an index 0-{len(names) - 1}"])
-    return sorted(chosen)
-
-
 def build_feature_taps(model: nn.Module, model_name: str, input_shape: tuple[int, int, int],
                        layers: Sequence[str] | None = None, role: str = "student") -> FeatureTaps:
     """Wrap ``model`` so that one forward returns (logits, feature maps, embedding).
@@ -86,9 +70,14 @@ def build_feature_taps(model: nn.Module, model_name: str, input_shape: tuple[int
             (B, C, H, W) map, or a model that cannot run on ``input_shape`` or be traced.
     """
     input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
+    if layers is not None and len(layers) == 0:
+        raise KdrunError(f"{role} layers is an empty list: name at least one layer, or leave it unset "
+                         "for the model's natural stages")
     if isinstance(model, CifarNet):
-        indices = _cifar_indices(model, model_name, layers, role)
         names = _cifar_names(model)
+        indices = list(range(len(names))) if layers is None else pick_indices(names, layers, model_name, role)
         taps: FeatureTaps = CifarTaps(model, model_name, indices, [names[i] for i in indices], role)
     elif has_forward_intermediates(model):
         indices, names = timm_indices(model, model_name, layers, role)

@@ -7,6 +7,7 @@ feature extraction).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -140,6 +141,8 @@ def one_line(error: BaseException) -> str:
 
 def listing(names: Sequence[str]) -> str:
     """Comma-separated names, the middle left out when there are very many."""
+    if not names:
+        return "none"
     if len(names) <= _MAX_LISTED:
         return ", ".join(names)
     head, tail = names[: _MAX_LISTED - 8], names[-8:]
@@ -148,3 +151,18 @@ def listing(names: Sequence[str]) -> str:
 
 def layer_not_found(role: str, name: str, model_name: str, available: Sequence[str]) -> KdrunError:
     return KdrunError(f"{role} layer '{name}' not found in {model_name}; available: {listing(available)}")
+
+
+def pick_indices(names: Sequence[str], layers: Sequence[str], model_name: str, role: str) -> list[int]:
+    """Indices of ``layers`` (names, or indices as strings, negative from the end) in ``names``,
+    sorted: the models return their maps in depth order whatever was asked."""
+    chosen = set()
+    for layer in map(str, layers):
+        if layer in names:
+            chosen.add(list(names).index(layer))
+        elif re.fullmatch(r"-?\d+", layer) and -len(names) <= int(layer) < len(names):
+            chosen.add(int(layer) % len(names))
+        else:
+            available = [*names, f"or an index 0-{len(names) - 1}"] if names else []
+            raise layer_not_found(role, layer, model_name, available)
+    return sorted(chosen)

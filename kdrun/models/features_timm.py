@@ -5,13 +5,12 @@ in ``model.feature_info``); the head then runs once on those final features.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from kdrun.models.features_common import FeatureTaps, as_vector, layer_not_found
+from kdrun.models.features_common import FeatureTaps, as_vector, pick_indices
 
 
 def has_forward_intermediates(model: nn.Module) -> bool:
@@ -82,14 +81,5 @@ def timm_indices(model: nn.Module, model_name: str, layers: Sequence[str] | None
     names = timm_stage_names(model)
     if layers is None:
         return (list(range(len(names))) if names else None), names
-    chosen: set[int] = set()
-    for layer in map(str, layers):
-        if layer in names:
-            chosen.add(names.index(layer))
-        elif re.fullmatch(r"-?\d+", layer) and -len(names) <= int(layer) < len(names):
-            chosen.add(int(layer) % len(names))
-        else:
-            available = names + ([f"or an index 0-{len(names) - 1}"] if names else [])
-            raise layer_not_found(role, layer, model_name, available)
-    indices = sorted(chosen)
+    indices = pick_indices(names, layers, model_name, role)
     return indices, [names[i] for i in indices]

@@ -1,0 +1,50 @@
+"""Helpers shared by the feature-based terms: checking the matched pairs, resizing, channel adapters."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.distill.context import FeatureShapes, StepContext
+from kdrun.errors import KdrunError
+
+
+def check_pairs(shapes: FeatureShapes, method: str) -> int:
+    """Number of matched (student, teacher) maps; a one-line error when there are none or they disagree."""
+    counts = {len(shapes.student_channels), len(shapes.teacher_channels)}
+    if len(counts) != 1 or 0 in counts:
+        raise KdrunError(f"distill={method} needs matched feature maps, got {len(shapes.student_channels)} student "
+                         f"and {len(shapes.teacher_channels)} teacher maps; name as many layers on both sides "
+                         f"with distill.student_layers / distill.teacher_layers")
+    return counts.pop()
+
+
+def feature_pairs(ctx: StepContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(student map, teacher map) pairs of the step, the teacher's detached (it never gets gradients)."""
+    if ctx.student_features is None or ctx.teacher_features is None:
+        raise KdrunError("a feature distillation term got no feature maps; build the loss through kdrun's runner")
+    return [(s, t.detach()) for s, t in zip(ctx.student_features, ctx.teacher_features)]
+
+
+def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize a (B, C, H, W) map to `size`: adaptive average pooling to shrink, bilinear to enlarge.
+
+    When one side shrinks and the other grows, pool first along both, then interpolate up.
+    """
+    size = (int(size[0]), int(size[1]))
+    height, width = x.shape[-2:]
+    if (height, width) == size:
+        return x
+    if height > size[0] or width > size[1]:
+        x = F.adaptive_avg_pool2d(x, (min(height, size[0]), min(width, size[1])))
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x
+
+
+def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 convolution + BatchNorm: the learnable map from student to teacher channels."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+                         nn.BatchNorm2d(out_channels))
