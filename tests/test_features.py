@@ -191,3 +191,30 @@ def test_taps_keep_the_model_state_and_modes() -> None:
     # The extractor shares the model's parameters without duplicating them.
     assert list(taps.state_dict()) == [f"model.{key}" for key in model.state_dict()]
     assert sum(p.numel() for p in taps.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+class _Shifted(nn.Module):
+    """A plain nn.Module (neither timm nor torchvision) whose forward reads a buffer directly,
+    which FX copies into the extractor as an attribute of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+        self.register_buffer("shift", torch.zeros(1, 8, 1, 1))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.conv(x) + self.shift, 1), 1))
+
+
+@torch.no_grad()
+def test_fx_taps_follow_the_model_to_another_dtype() -> None:
+    model = _Shifted().eval()
+    taps = build_feature_taps(model, "shifted", (3, 16, 16))
+    assert taps.names == ["add"] and taps.reductions == [2] and taps.embedding_dim == 8
+    taps.to(torch.float64)
+    model.shift.fill_(1.0)  # the model's new (float64) buffer, not the one the extractor copied
+    x = _batch((3, 16, 16)).double()
+    logits, maps, _ = taps(x)
+    assert logits.dtype == maps[0].dtype == torch.float64
+    torch.testing.assert_close(logits, model(x))

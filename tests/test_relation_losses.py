@@ -226,8 +226,9 @@ def test_sp_averages_the_chosen_stages_and_checks_their_range():
 
 # --- shared properties ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [lambda: RKDTerm(), lambda: PKTTerm(), lambda: CCTerm(FeatureShapes(student_dim=5, teacher_dim=5)),
-                                  lambda: SPTerm(SHAPES)], ids=["rkd", "pkt", "cc", "sp"])
+@pytest.mark.parametrize("make", [lambda: RKDTerm(), lambda: PKTTerm(),
+                                  lambda: CCTerm(FeatureShapes(student_dim=5, teacher_dim=5)), lambda: SPTerm(SHAPES)],
+                         ids=["rkd", "pkt", "cc", "sp"])
 def test_zero_when_the_student_equals_the_teacher(make):
     same_width = torch.cat([STUDENT, torch.tensor([[0.5, -1.0]] * 4)], dim=1)
     student, _ = make_maps()

@@ -14,6 +14,7 @@ from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
 from kdrun.distill.feature import FEATURE_TERMS
+from kdrun.distill.relation import RELATION_TERMS
 from kdrun.distill.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm, MLKDTerm
 from kdrun.errors import KdrunError
 
@@ -24,6 +25,7 @@ TERM_TYPES: dict[str, type[nn.Module]] = {
     "dist": DISTTerm,
     "mlkd": MLKDTerm,
     **FEATURE_TERMS,
+    **RELATION_TERMS,
 }
 
 

@@ -17,9 +17,16 @@ from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
 from kdrun.distill.feature_common import check_pairs, feature_pairs
-from kdrun.distill.relation_common import embedding_pair
-from kdrun.distill.relation_crd import CRDTerm
 from kdrun.errors import KdrunError
+
+
+def embedding_pair(ctx: StepContext, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) pooled embeddings of the step as (B, D) rows, the teacher's detached."""
+    if ctx.student_embedding is None or ctx.teacher_embedding is None:
+        raise KdrunError(f"distill={method} got no embeddings; build the loss through kdrun's runner, which "
+                         f"computes them for terms that set needs_features")
+    # Detached defensively: the teacher never gets gradients, even if a caller forgot no_grad.
+    return ctx.student_embedding.flatten(1), ctx.teacher_embedding.detach().flatten(1)
 
 
 # --- RKD (Park, Kim, Lu & Cho, CVPR 2019) -------------------------------------------------------------
@@ -57,10 +64,12 @@ def rkd_parts(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tenso
 class RKDTerm(nn.Module):
     """Relational knowledge distillation: distance- and angle-wise relations of the embeddings.
 
-    Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019, Eqs. (3)-(8):
+    Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019 (arXiv:1904.05068), the
+    distance-wise and angle-wise losses:
         psi_D(t_i, t_j) = ||t_i - t_j||_2 / mu,  mu = mean of ||t_i - t_j||_2 over the pairs with i != j
         psi_A(t_i, t_j, t_k) = <e_ij, e_kj>,     e_ij = (t_i - t_j) / ||t_i - t_j||_2
-        L = distance_weight * sum_pairs l_delta(psi_D^T, psi_D^S) + angle_weight * sum_triplets l_delta(psi_A^T, psi_A^S)
+        L = distance_weight * sum_(i, j) l_delta(psi_D^T, psi_D^S)
+            + angle_weight * sum_(i, j, k) l_delta(psi_A^T, psi_A^S)
     with l_delta the Huber loss (delta = 1). As in the authors' code, the Huber losses are *averaged*
     over all B^2 pairs and B^3 triplets (degenerate ones contribute 0), and the defaults are the
     paper's lambda_D = 25, lambda_A = 50. No learnable parts: the widths may differ.
@@ -91,7 +100,7 @@ class PKTTerm(nn.Module):
     """Probabilistic knowledge transfer: match the cosine-kernel conditional distributions of the batch.
 
     Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer", ECCV 2018
-    (section 3, with the cosine similarity kernel of section 3.2):
+    (arXiv:1803.10837), with the cosine similarity kernel:
         K(a, b) = (a'b / (||a|| ||b||) + 1) / 2,   p_{j|i} = K(x_i, x_j) / sum_k K(x_i, x_k)
         L = sum_i sum_j p^T_{j|i} log(p^T_{j|i} / p^S_{j|i})      (KL(teacher || student) per row)
     As in the authors' code and RepDistiller (whose weight 30000 the config uses), the sums run over
@@ -131,8 +140,8 @@ def rbf_correlation(e: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
 class CCTerm(nn.Module):
     """Correlation congruence: match the batch's kernel correlation matrices of the embeddings.
 
-    Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019 (section 3.3, Gaussian
-    RBF kernel by its P-order Taylor expansion):
+    Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019 (arXiv:1904.01802), with
+    the Gaussian RBF kernel by its P-order Taylor expansion:
         C = [k(F_i, F_j)] in R^{B x B},  k(F_i, F_j) = exp(-gamma ||F_i - F_j||^2)
                                                     ~ sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! (F_i'F_j)^p
         L_CC = ||C^T - C^S||_F^2 / B^2
@@ -181,7 +190,7 @@ def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
 class SPTerm(nn.Module):
     """Similarity-preserving KD: similar inputs should give similar activations in both networks.
 
-    Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019 (section 3):
+    Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019 (arXiv:1907.09682):
         G = Q Q' (B x B, Q the flattened activation map),  G~[i, :] = G[i, :] / ||G[i, :]||_2
         L_SP = 1/B^2 sum_(l, l') ||G~_T^(l) - G~_S^(l')||_F^2
     The paper (and RepDistiller) use the last stage only (`stages` default [-1]); with several stages
@@ -213,6 +222,97 @@ class SPTerm(nn.Module):
         return total / len(self.stages)
 
 
+# --- CRD (Tian, Krishnan & Isola, ICLR 2020) ----------------------------------------------------------
+
+def random_unit_rows(rows: int, dim: int) -> torch.Tensor:
+    """(rows, dim) rows drawn uniformly on the unit sphere: the memory before any sample was seen."""
+    return F.normalize(torch.randn(rows, dim), p=2, dim=1)
+
+
+class CRDTerm(nn.Module):
+    """Contrastive representation distillation: the student's embedding of a sample must pick the
+    teacher's embedding of the same sample out of nce_k embeddings of other samples, and vice versa.
+
+    Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020 (arXiv:1910.10699): with
+    g^S, g^T linear maps to `feat_dim` followed by L2 normalization, the critic
+    h(t, s) = exp(g^T(t)'g^S(s) / tau) scores the positive pair (same sample) against N negatives
+    drawn from a memory bank of embeddings computed in earlier steps.
+
+    Variant: the softmax (InfoNCE) form of the bound, a (1 + nce_k)-way cross-entropy at temperature
+    `nce_t` = 0.07,
+        L = -log [ exp(z_i'm_i / tau) / (exp(z_i'm_i / tau) + sum_{k=1..K} exp(z_i'm_{n_k} / tau)) ],
+    instead of the paper's NCE loss with a normalization constant Z estimated on the first batch:
+    same critic and memory, no Z to estimate, numerically safer. As in the authors' code the loss is
+    symmetric: the student anchor against the teacher memory (trains the student and g^S) plus the
+    teacher anchor against the student memory (trains g^T; the teacher network itself is frozen).
+
+    Memory: one (num_samples, feat_dim) bank per side, registered as buffers (saved in checkpoints),
+    row i updated after each training-mode forward as normalize(momentum * m_i + (1 - momentum) * z_i)
+    (momentum 0.5). Negatives are drawn uniformly with replacement among the *other* samples
+    (the authors' CIFAR code draws them from other classes), nce_k clamped to num_samples - 1.
+    Cost: the memory takes 2 * num_samples * feat_dim floats, and each step gathers a
+    (B, 1 + nce_k, feat_dim) block per side.
+    """
+
+    needs_teacher = True
+    needs_features = True
+
+    def __init__(self, shapes: FeatureShapes, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
+                 momentum: float = 0.5):
+        super().__init__()
+        if shapes.num_samples < 2:
+            raise KdrunError(f"distill=crd needs a training set of at least 2 samples for its memory bank, got "
+                             f"num_samples={shapes.num_samples}; build the loss through kdrun's runner")
+        if shapes.student_dim <= 0 or shapes.teacher_dim <= 0:
+            raise KdrunError("distill=crd needs the embedding widths (FeatureShapes.student_dim / teacher_dim); "
+                             "build the loss through kdrun's runner, which measures them")
+        if int(feat_dim) < 1 or int(nce_k) < 1 or float(nce_t) <= 0 or not 0.0 <= float(momentum) < 1.0:
+            raise KdrunError(f"distill.terms.crd: feat_dim={feat_dim} and nce_k={nce_k} must be >= 1, nce_t={nce_t} "
+                             f"> 0 and momentum={momentum} within [0, 1), e.g. 128, 16384, 0.07, 0.5")
+        self.num_samples = int(shapes.num_samples)
+        self.nce_k = min(int(nce_k), self.num_samples - 1)     # small datasets have fewer other samples
+        self.nce_t, self.momentum = float(nce_t), float(momentum)
+        self.embed_student = nn.Linear(shapes.student_dim, int(feat_dim))
+        self.embed_teacher = nn.Linear(shapes.teacher_dim, int(feat_dim))
+        self.register_buffer("memory_student", random_unit_rows(self.num_samples, int(feat_dim)))
+        self.register_buffer("memory_teacher", random_unit_rows(self.num_samples, int(feat_dim)))
+
+    def sample_contrast(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + nce_k) memory rows: the sample itself first, then nce_k others drawn uniformly."""
+        others = torch.randint(0, self.num_samples - 1, (indices.shape[0], self.nce_k), device=indices.device)
+        others = others + (others >= indices.unsqueeze(1)).long()   # skip the positive: uniform over the rest
+        return torch.cat([indices.unsqueeze(1), others], dim=1)
+
+    def contrast_loss(self, anchor: torch.Tensor, memory: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+        """Softmax cross-entropy of each anchor over its (1 + nce_k) memory rows, the positive at column 0."""
+        batch, candidates = contrast.shape
+        rows = memory.index_select(0, contrast.reshape(-1)).view(batch, candidates, -1).to(anchor.dtype)
+        logits = torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / self.nce_t
+        return F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=anchor.device))
+
+    @torch.no_grad()
+    def update_memory(self, memory: torch.Tensor, indices: torch.Tensor, embedding: torch.Tensor) -> None:
+        mixed = self.momentum * memory.index_select(0, indices) + (1.0 - self.momentum) * embedding.to(memory.dtype)
+        memory.index_copy_(0, indices, F.normalize(mixed, p=2, dim=1))
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        if ctx.indices is None:
+            raise KdrunError("crd needs sample indices from the dataset (StepContext.indices, the positions of the "
+                             "batch's samples in the training set); build the loss through kdrun's runner")
+        student, teacher = embedding_pair(ctx, "crd")
+        z_student = F.normalize(self.embed_student(student), p=2, dim=1)
+        z_teacher = F.normalize(self.embed_teacher(teacher), p=2, dim=1)
+        indices = ctx.indices.to(device=self.memory_student.device, dtype=torch.long).flatten()
+        contrast = self.sample_contrast(indices)
+        # Both losses read the memory as it was before this batch; the update comes after.
+        loss = (self.contrast_loss(z_student, self.memory_teacher, contrast)
+                + self.contrast_loss(z_teacher, self.memory_student, contrast))
+        if self.training:
+            self.update_memory(self.memory_student, indices, z_student.detach())
+            self.update_memory(self.memory_teacher, indices, z_teacher.detach())
+        return loss
+
+
 RELATION_TERMS: dict[str, type[nn.Module]] = {
     "rkd": RKDTerm,
     "pkt": PKTTerm,
@@ -222,4 +322,5 @@ RELATION_TERMS: dict[str, type[nn.Module]] = {
 }
 
 __all__ = ["CCTerm", "CRDTerm", "PKTTerm", "RELATION_TERMS", "RKDTerm", "SPTerm", "cosine_conditional_probabilities",
-           "normalized_distances", "rbf_correlation", "rkd_parts", "similarity_matrix", "triplet_angles"]
+           "embedding_pair", "normalized_distances", "rbf_correlation", "rkd_parts", "similarity_matrix",
+           "triplet_angles"]

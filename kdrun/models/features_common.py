@@ -72,9 +72,7 @@ class FeatureTaps(nn.Module):
             except KdrunError:
                 raise
             except Exception as error:  # the model's own failure, e.g. a kernel larger than the map
-                raise KdrunError(
-                    f"{self.role} '{self.model_name}' cannot run on {'x'.join(map(str, input_shape))} inputs "
-                    f"({one_line(error)}): use larger images or another {self.role} model") from error
+                raise cannot_run(self.role, self.model_name, input_shape, error) from error
         for name, fmap in zip(self.names, maps):
             if fmap.dim() != 4:
                 raise KdrunError(f"{self.role} layer '{name}' of {self.model_name} gives a tensor of shape "
@@ -147,6 +145,11 @@ def listing(names: Sequence[str]) -> str:
         return ", ".join(names)
     head, tail = names[: _MAX_LISTED - 8], names[-8:]
     return f"{', '.join(head)}, ..., {', '.join(tail)} ({len(names)} in all)"
+
+
+def cannot_run(role: str, model_name: str, input_shape: Sequence[int], error: Exception) -> KdrunError:
+    return KdrunError(f"{role} '{model_name}' cannot run on {'x'.join(map(str, input_shape))} inputs "
+                      f"({one_line(error)}): use larger images or another {role} model")
 
 
 def layer_not_found(role: str, name: str, model_name: str, available: Sequence[str]) -> KdrunError:

@@ -13,7 +13,7 @@ from torch import Tensor, fx, nn
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor
 
 from kdrun.errors import KdrunError
-from kdrun.models.features_common import FeatureTaps, as_vector, dummy_batch, eval_mode, one_line
+from kdrun.models.features_common import FeatureTaps, as_vector, cannot_run, dummy_batch, eval_mode, one_line
 from kdrun.models.features_fx_graph import Plan, ShapeRecorder, Traced, plan
 
 
@@ -43,8 +43,7 @@ def _trace(model: nn.Module, model_name: str, role: str, tracer_kwargs: dict | N
                 with torch.no_grad():
                     ShapeRecorder(fx.GraphModule(tracer.root, graph), traced).run(x)
             except Exception as error:  # the model's own failure, e.g. a kernel larger than the map
-                raise KdrunError(f"{role} '{model_name}' cannot run on {'x'.join(map(str, x.shape[1:]))} inputs "
-                                 f"({one_line(error)}): use larger images or another {role} model") from error
+                raise cannot_run(role, model_name, x.shape[1:], error) from error
     return traced
 
 
