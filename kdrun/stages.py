@@ -89,6 +89,8 @@ def obtain_baseline(ctx: RunContext) -> StageOutcome:
 
 def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float, resume: bool) -> StageOutcome:
     model = ctx.build_model("student").to(ctx.device)
+    # Frozen from here on: even a dummy probe in train mode would move the teacher's BatchNorm statistics.
+    teacher.to(ctx.device).eval().requires_grad_(False)
     distill_cfg = _plain(ctx.cfg.distill)
     pairing, shapes = None, None
     if needs_features(distill_cfg):

@@ -26,12 +26,13 @@ class FeaturePairing:
     def shapes(self, input_shape: tuple[int, int, int], num_classes: int, num_samples: int) -> FeatureShapes:
         """Measure the matched maps with one dummy batch (before the optimizer exists)."""
         dummy = torch.zeros(2, *input_shape, device=_device_of(self.student))
-        was_training = self.student.training
-        self.student.eval()
+        student_was_training = self.student.training
+        self.student.eval()  # a probe must not move BatchNorm statistics
+        self.teacher.eval()  # and the teacher stays frozen for good
         with torch.no_grad():
             _, s_maps, s_emb = self.student(dummy)
             _, t_maps, t_emb = self.teacher(dummy)
-        self.student.train(was_training)
+        self.student.train(student_was_training)
         s_maps = [s_maps[i] for i in self.student_index]
         t_maps = [t_maps[i] for i in self.teacher_index]
         return FeatureShapes(
