@@ -62,7 +62,8 @@ class RunContext:
         # Seeding right before construction gives the baseline and the distilled student the same init.
         torch.manual_seed(self.cfg.seed)
         return create_model(model_cfg.name, self.data.num_classes, self.data.in_chans,
-                            pretrained=model_cfg.pretrained, role=role, **_plain(model_cfg.kwargs))
+                            pretrained=model_cfg.pretrained, role=role, image_size=self.data.image_size,
+                            **_plain(model_cfg.kwargs))
 
     def meta(self, role: str) -> dict:
         return {"model_name": self.cfg[role].name, "num_classes": self.data.num_classes,

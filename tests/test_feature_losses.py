@@ -119,8 +119,10 @@ def test_fitnets_gradients_and_layer_range():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in term.parameters())
     one_pair = FeatureShapes([8], [16], [(4, 4)], [(4, 4)])
     assert FitNetsTerm(one_pair, layer=-1).layer == 0
+    assert FitNetsTerm(one_pair).layer == 0  # the default falls back to the only pair
+    assert FitNetsTerm(SHAPES).layer == len(SHAPES.student_channels) - 2  # else the second-deepest
     with pytest.raises(KdrunError, match="layer=-2"):
-        FitNetsTerm(one_pair)
+        FitNetsTerm(one_pair, layer=-2)
 
 
 # --- AT ------------------------------------------------------------------------------------------------

@@ -48,3 +48,40 @@ def test_feature_methods_work_across_libraries(method, tmp_path):
     teacher = create_model(PAIRS["timm_to_torchvision"][0], 10, 3)
     outcome = distill_student(ctx, teacher, teacher_top1=0.5, resume=False)
     assert torch.isfinite(torch.tensor(outcome.result.history[0]["loss"]))
+
+
+# Automatic stage matching across architecture families, CNNs and a ViT; the ViT (made for 224 px) is
+# rebuilt for the dataset's 32 px and its 1/16 token maps pair with the CNN's 1/16 stage.
+MATCHED_PAIRS = [
+    ("convnext_atto", "efficientnet_b0", [4, 8, 16, 32]),
+    ("resnet18", "torchvision:mobilenet_v3_small", [2, 4, 8, 16, 32]),
+    ("vit_tiny_patch16_224", "resnet10t", [16]),
+    ("torchvision:resnet18", "cifar:resnet8", [2, 4]),
+    ("cifar:resnet32x4", "cifar:shufflenetv2", [1, 2, 4]),
+]
+
+
+@pytest.mark.parametrize(("teacher_name", "student_name", "reductions"), MATCHED_PAIRS)
+def test_stage_matching_pairs_equal_reductions_and_trains_adapters(teacher_name, student_name, reductions, tmp_path):
+    from kdrun.distill import build_loss
+    from kdrun.engine.forward import StepForward
+    from kdrun.stages import pair_features
+
+    ctx = context(tmp_path, "fitnets", teacher_name, student_name)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        ctx.cfg = compose(config_name="config", overrides=[
+            "distill=fitnets", "+distill.terms.at={type: at, weight: 1000}", "dataset=synthetic",
+            "dataset.image_size=32", f"teacher.name={teacher_name}", f"student.name={student_name}"])
+    ctx.data = build_dataset(ctx.cfg.dataset)
+    teacher, student = ctx.build_model("teacher").eval().requires_grad_(False), ctx.build_model("student")
+    pairing = pair_features(ctx, student, teacher, ctx.cfg.distill)
+    assert [pairing.student.reductions[i] for i in pairing.student_index] == reductions
+    assert [pairing.teacher.reductions[i] for i in pairing.teacher_index] == reductions
+    loss = build_loss(ctx.cfg.distill, pairing.shapes((3, 32, 32), 10, len(ctx.data.train)))
+    images = torch.randn(4, 3, 32, 32)
+    total, values = loss(StepForward(student, teacher, pairing)(images, torch.arange(4), torch.arange(4), 0))
+    assert set(values) == {"ce", "fitnets", "at"} and torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is not None for p in loss.parameters()), "an adapter got no gradient"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,16 +39,18 @@ class FitNetsTerm(nn.Module):
     over elements (RepDistiller's ``HintLoss``) rather than halved and summed. The paper trains in two
     stages (hints first, then KD); kdrun trains CE + hint jointly, as RepDistiller does.
 
-    `layer` indexes the matched pairs (default -2: the second-deepest, a middle stage as in the paper;
-    -1 is the deepest).
+    `layer` indexes the matched pairs (-1 is the deepest). The default, None, takes the second-deepest
+    (a middle stage as in the paper), or the only pair when stages match once (a ViT against a CNN).
     """
 
     needs_teacher = True
     needs_features = True
 
-    def __init__(self, shapes: FeatureShapes, layer: int = -2):
+    def __init__(self, shapes: FeatureShapes, layer: Optional[int] = None):
         super().__init__()
         pairs = check_pairs(shapes, "fitnets")
+        if layer is None:
+            layer = -2 if pairs > 1 else -1
         if not -pairs <= int(layer) < pairs:
             raise KdrunError(f"distill.terms.fitnets.layer={layer} is out of range for {pairs} matched feature "
                              f"pair(s): choose within {-pairs}..{pairs - 1}, e.g. layer=-1 for the deepest")

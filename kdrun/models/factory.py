@@ -67,17 +67,27 @@ def check_model_name(name: str, role: str = "model") -> None:
 
 
 def create_model(name: str, num_classes: int, in_chans: int, pretrained: bool = False,
-                 role: str = "model", **kwargs) -> nn.Module:
+                 role: str = "model", image_size: tuple[int, int] | None = None, **kwargs) -> nn.Module:
+    """Build `name` for the dataset; `image_size` (H, W) rebuilds vision transformers made for a fixed
+    input size (ViT, DeiT, ...) at the dataset's size, as their constructors allow."""
     source, bare = resolve_source(name, role)
     if source == "timm":
-        if pretrained:
-            return _timm_pretrained(bare, num_classes, in_chans, role, **kwargs)
-        return timm.create_model(bare, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        build = functools.partial(_timm_pretrained, bare, num_classes, in_chans, role) if pretrained else \
+            functools.partial(timm.create_model, bare, num_classes=num_classes, in_chans=in_chans)
+        model = build(**kwargs)
+        fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if image_size and fixed is not None and tuple(fixed) != tuple(image_size) and "img_size" not in kwargs:
+            model = build(img_size=tuple(image_size), **kwargs)  # timm resamples pretrained position embeddings
+        return model
     if pretrained:
         raise KdrunError(f"{role}.pretrained=true needs a timm model, '{name}' is a {source} model: "
                          f"load weights with {role}.checkpoint=PATH instead")
     if source == "torchvision":
         model = torchvision.models.get_model(bare, weights=None, num_classes=num_classes, **kwargs)
+        fixed = getattr(model, "image_size", None)
+        if image_size and isinstance(fixed, int) and fixed != image_size[0] and "image_size" not in kwargs:
+            model = torchvision.models.get_model(bare, weights=None, num_classes=num_classes,
+                                                 image_size=image_size[0], **kwargs)
         return _adapt_input_channels(model, in_chans) if in_chans != 3 else model
     return create_cifar_model(bare, num_classes=num_classes, in_chans=in_chans, **kwargs)
 

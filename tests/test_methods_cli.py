@@ -1,0 +1,52 @@
+"""Every method through the real `kdrun -m` command, once with a timm pair and once with a torchvision pair.
+
+One sweep per pair keeps this cheap: the teacher is trained once and each method is one job of the sweep.
+"""
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import read_metrics, run_kdrun
+from kdrun.paths import conf_dir, group_options
+
+pytestmark = pytest.mark.slow
+
+PAIRS = {
+    "timm": ("resnet10t", "mobilenetv3_small_050"),
+    "torchvision": ("torchvision:resnet18", "torchvision:mobilenet_v3_small"),
+}
+METHODS = group_options("distill")
+
+
+def weighted_terms(method: str) -> set[str]:
+    terms = yaml.safe_load((conf_dir() / "distill" / f"{method}.yaml").read_text())["terms"]
+    return {name for name, spec in terms.items() if spec.get("weight", 1.0) != 0}
+
+
+@pytest.fixture(scope="module", params=sorted(PAIRS))
+def sweep(request, tmp_path_factory):
+    teacher, student = PAIRS[request.param]
+    cwd = tmp_path_factory.mktemp(f"methods_{request.param}")
+    proc = run_kdrun(["-m", f"distill={','.join(METHODS)}", f"teacher.name={teacher}", f"student.name={student}",
+                      "dataset=synthetic", "dataset.image_size=32", "dataset.train_size=64", "dataset.test_size=32",
+                      "epochs=1", "batch_size=32", "baseline=false", "progress=false",
+                      f"hydra.sweep.dir={cwd / 'sweep'}"], cwd, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = {}
+    for job_dir in (cwd / "sweep").iterdir():
+        if job_dir.is_dir() and (job_dir / "metrics.json").is_file():
+            jobs[read_metrics(job_dir)["method"]] = job_dir
+    return request.param, jobs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_runs_through_the_cli_and_logs_each_term(sweep, method):
+    pair, jobs = sweep
+    assert method in jobs, f"no finished job for {method} with the {pair} pair"
+    metrics = read_metrics(jobs[method])
+    assert metrics["status"] == "completed"
+    assert 0.0 <= metrics["student"]["top1"] <= 1.0
+    events = EventAccumulator(str(jobs[method])).Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {f"train/loss_{term}" for term in weighted_terms(method)}
+    assert expected <= tags, f"{method} ({pair}) is missing {expected - tags}"
