@@ -63,7 +63,7 @@ def dist_reference(student, teacher, T, beta, gamma):
 
 
 def mlkd_reference(student, teacher, temperatures, weights):
-    """Instance KL, B x B sample-similarity and K x K class-correlation alignments, averaged over T."""
+    """Instance KL, B x B sample-similarity and K x K class-correlation alignments, summed over T."""
     total = 0.0
     for T in temperatures:
         p_s = [softmax(row, T) for row in student]
@@ -75,7 +75,7 @@ def mlkd_reference(student, teacher, temperatures, weights):
         class_s = [[sum(p[a] * p[b] for p in p_s) for b in range(k)] for a in range(k)]
         classes = sum((class_t[a][b] - class_s[a][b]) ** 2 for a in range(k) for b in range(k)) / k
         total += weights[0] * instance + weights[1] * batch + weights[2] * classes
-    return total / len(temperatures)
+    return total
 
 
 def zscore(values):
@@ -170,7 +170,7 @@ def test_dist_is_zero_for_identical_logits_and_ignores_shift():
 
 # --- MLKD ---------------------------------------------------------------------------------------------
 
-def test_mlkd_matches_the_three_levels_averaged_over_temperatures():
+def test_mlkd_matches_the_three_levels_summed_over_temperatures():
     term = MLKDTerm(temperatures=[2, 3], instance_weight=1.0, batch_weight=2.0, class_weight=0.5)
     expected = mlkd_reference(STUDENT, TEACHER, [2.0, 3.0], (1.0, 2.0, 0.5))
     assert term(context(STUDENT, TEACHER)).item() == pytest.approx(expected, rel=1e-5)

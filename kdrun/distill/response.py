@@ -205,12 +205,12 @@ def mlkd_levels(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 class MLKDTerm(nn.Module):
-    """Multi-level logit distillation, averaged over several temperatures (Jin et al., CVPR 2023).
+    """Multi-level logit distillation, summed over several temperatures (Jin et al., CVPR 2023).
 
-        loss = mean_T [instance_weight * instance(T) + batch_weight * batch(T) + class_weight * class(T)]
+        loss = sum_T [instance_weight * instance(T) + batch_weight * batch(T) + class_weight * class(T)]
 
-    The paper and its code *sum* over the temperatures; the mean keeps the scale independent of how
-    many are listed (weight the term by len(temperatures) to match). The paper's prediction
+    As in the paper and its code, the temperatures are summed, so listing more of them weighs the
+    term more. The paper's prediction
     augmentation (weak/strong views) and confidence masking are left out: they need two views of
     each image, which a loss term does not see.
     """
@@ -234,4 +234,4 @@ class MLKDTerm(nn.Module):
         for T in self.temperatures:
             levels = mlkd_levels(student, teacher, T)
             total = total + sum(w * level for w, level in zip(self.level_weights, levels))
-        return total / len(self.temperatures)
+        return total
