@@ -26,10 +26,13 @@ class LossWatch:
     def __init__(self, where: "Where", names: list[str], device: torch.device):
         self.where, self.names, self.device = where, names, device
         self.rows: list[torch.Tensor] = []
+        self.lrs: list[float] = []
         self._pending: deque = deque()  # (step index, pinned host copy, cuda event)
 
-    def add(self, row: torch.Tensor) -> None:
+    def add(self, row: torch.Tensor, lr: float) -> None:
+        """`row`: the step's [total, *terms] on the device; `lr`: the learning rate the step used."""
         self.rows.append(row)
+        self.lrs.append(lr)
         step = len(self.rows) - 1
         if self.device.type == "cpu":
             self._check(step, row)
@@ -59,28 +62,28 @@ class LossWatch:
     def _raise(self, step: int, row: torch.Tensor) -> None:
         bad = {name: _text(value) for name, value in zip(self.names, row.tolist()) if not math.isfinite(value)}
         terms = ", ".join(f"{name}={value}" for name, value in bad.items())
-        raise self.where.diverged(f"{terms} at step {self.where.global_step(step)}", step, bad)
+        raise self.where.diverged(f"{terms} at step {self.where.global_step(step)}", step, bad, self.lrs[step])
 
 
 class Where:
     """The stage, epoch and checkpoint a divergence is reported against."""
 
-    def __init__(self, stage: str, epoch: int, epochs: int, steps_per_epoch: int, lr: float, checkpoint_dir: Path):
+    def __init__(self, stage: str, epoch: int, epochs: int, steps_per_epoch: int, checkpoint_dir: Path):
         self.stage, self.epoch, self.epochs = stage, epoch, epochs
-        self.steps_per_epoch, self.lr, self.checkpoint_dir = steps_per_epoch, lr, checkpoint_dir
+        self.steps_per_epoch, self.checkpoint_dir = steps_per_epoch, checkpoint_dir
 
     def global_step(self, step_in_epoch: int) -> int:
         return self.epoch * self.steps_per_epoch + step_in_epoch + 1
 
-    def diverged(self, what: str, step_in_epoch: Optional[int], terms: dict) -> DivergedError:
+    def diverged(self, what: str, step_in_epoch: Optional[int], terms: dict, lr: float) -> DivergedError:
         kept, kept_epoch = self._last_good()
         kept_text = f"kept {kept} (epoch {kept_epoch})" if kept else "no checkpoint was written yet"
         message = (f"{self.stage} diverged in epoch {self.epoch + 1}/{self.epochs}: {what}; {kept_text}; "
-                   f"lower the learning rate (the stage's lr is {self.lr}) or check the loss weights")
+                   f"lower the learning rate (it was {lr:g}) or check the loss weights")
         step = self.global_step(step_in_epoch) if step_in_epoch is not None else None
         return DivergedError(message, {
             "stage": self.stage, "epoch": self.epoch + 1, "step": step, "terms": terms,
-            "last_good_checkpoint": str(kept) if kept else None, "last_good_epoch": kept_epoch})
+            "lr": lr, "last_good_checkpoint": str(kept) if kept else None, "last_good_epoch": kept_epoch})
 
     def _last_good(self) -> tuple[Optional[Path], Optional[int]]:
         """The checkpoint the run can go back to: written at the end of the previous epoch, if any."""
@@ -90,7 +93,7 @@ class Where:
         return last, self.epoch
 
 
-def check_finite_weights(where: Where, modules: Iterable[torch.nn.Module]) -> None:
+def check_finite_weights(where: Where, modules: Iterable[torch.nn.Module], lr: float) -> None:
     """Before a checkpoint: a non-finite gradient can spoil the weights while every loss stayed finite.
 
     One reduction per tensor and a single host read per epoch.
@@ -104,7 +107,7 @@ def check_finite_weights(where: Where, modules: Iterable[torch.nn.Module]) -> No
         return
     first = named[int((~finite).nonzero()[0])][0]
     raise where.diverged(f"the weights became non-finite ('{first}') although every loss was finite "
-                         "(a non-finite gradient)", None, {first: "non-finite"})
+                         "(a non-finite gradient)", None, {first: "non-finite"}, lr)
 
 
 def _text(value: float) -> str:

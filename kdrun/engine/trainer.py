@@ -132,7 +132,7 @@ def train(stage: Stage, model: nn.Module, loss: DistillLoss, train_set, val_set,
             "best_top1": result.best_top1, "best_epoch": result.best_epoch, "rng": _rng_state(),
         }
         # A non-finite gradient can spoil the weights while the losses stay finite: never save that.
-        check_finite_weights(_where(stage, epoch, steps_per_epoch), [model, loss])
+        check_finite_weights(_where(stage, epoch, steps_per_epoch), [model, loss], record["lr"])
         if improved:
             save_atomic({**checkpoint, "optimizer": None, "scheduler": None}, stage.checkpoint_dir / "best.pt")
         save_last(checkpoint, stage.checkpoint_dir)
@@ -164,7 +164,7 @@ def _train_one_epoch(stage: Stage, model, loss, train_set, step_forward: StepFor
         optimizer.step()
         lrs.append(optimizer.param_groups[0]["lr"])
         scheduler.step()
-        watch.add(torch.stack([total.detach(), *(v.detach() for v in parts.values())]))
+        watch.add(torch.stack([total.detach(), *(v.detach() for v in parts.values())]), lrs[-1])
         correct += (ctx.student_logits.detach().argmax(1) == labels).sum()
         seen += labels.numel()
     values = watch.values()
@@ -180,7 +180,7 @@ def _train_one_epoch(stage: Stage, model, loss, train_set, step_forward: StepFor
 
 
 def _where(stage: Stage, epoch: int, steps_per_epoch: int) -> Where:
-    return Where(stage.name, epoch, stage.recipe.epochs, steps_per_epoch, stage.recipe.lr, stage.checkpoint_dir)
+    return Where(stage.name, epoch, stage.recipe.epochs, steps_per_epoch, stage.checkpoint_dir)
 
 
 def _log_epoch(stage: Stage, record: dict, epochs: int) -> None:
