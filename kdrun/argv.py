@@ -14,7 +14,7 @@ CHECKED_GROUPS = ("teacher", "student", "dataset", "distill", "optim", "sched", 
 MODEL_GROUPS = ("teacher", "student")
 # With these, users add config dirs of their own, whose options kdrun cannot list here.
 CUSTOM_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")
-# Hydra's own flags (tests/test_reliability_cli.py compares with Hydra's parser). Anything else that
+# Hydra's own flags (tests/test_errors.py compares them with Hydra's parser). Anything else that
 # starts with '-' would get argparse's multi-line usage page instead of one line.
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--resolve", "--package", "-p",
                "--run", "-r", "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp",
