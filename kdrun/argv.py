@@ -14,6 +14,14 @@ CHECKED_GROUPS = ("teacher", "student", "dataset", "distill", "optim", "sched", 
 MODEL_GROUPS = ("teacher", "student")
 # With these, users add config dirs of their own, whose options kdrun cannot list here.
 CUSTOM_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")
+# Hydra's own flags (tests/test_errors.py compares them with Hydra's parser). Anything else that
+# starts with '-' would get argparse's multi-line usage page instead of one line.
+HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--resolve", "--package", "-p",
+               "--run", "-r", "--multirun", "-m", "--shell-completion", "-sc", "--config-path", "-cp",
+               "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun", "--info", "-i")
+FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                    "--config-dir", "-cd", "--experimental-rerun")
+INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 
 
 class ArgvError(KdrunError):
@@ -21,9 +29,51 @@ class ArgvError(KdrunError):
 
 
 def preflight(args: list[str]) -> list[str]:
+    for arg in args:
+        _check_flag(arg)
+    args = _flags_first(args)
     if any(arg.startswith(CUSTOM_CONFIG_FLAGS) for arg in args):
         return args
     return [_check_group_override(arg) for arg in args]
+
+
+def _check_flag(arg: str) -> None:
+    if not arg.startswith("-") or _is_number(arg):
+        return
+    flag = arg.split("=", 1)[0]
+    if flag not in HYDRA_FLAGS:
+        close = difflib.get_close_matches(flag, HYDRA_FLAGS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ArgvError(f"unknown option '{flag}': {hint}kdrun takes KEY=VALUE overrides and Hydra's flags "
+                        "(-m, --cfg job, --config-dir DIR, ...); see kdrun --help")
+
+
+def _flags_first(args: list[str]) -> list[str]:
+    """Hydra's parser takes flags only before the overrides (`kdrun T=1 -m T=2,4` would fail with
+    argparse's usage page); move them, with their values, to the front."""
+    flags, overrides = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-") and not _is_number(arg):
+            flags.append(arg)
+            takes_value = arg in FLAGS_WITH_VALUE or (arg in ("--info", "-i") and i + 1 < len(args)
+                                                      and args[i + 1] in INFO_CHOICES)
+            if takes_value and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags + overrides
+
+
+def _is_number(arg: str) -> bool:
+    try:
+        float(arg)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_group_override(arg: str) -> str:

@@ -21,14 +21,15 @@ from omegaconf import DictConfig
 from kdrun.argv import ArgvError, preflight
 from kdrun.config import register_configs, validate
 from kdrun.errors import KdrunError
+from kdrun.failures import as_user_error, exit_code, one_line, record_failure, status_of
 from kdrun.paths import conf_dir
 from kdrun.resume import find_resumable_run
-from kdrun.run_files import METRICS_FILE, has_work, write_json_atomic
+from kdrun.run_files import has_checkpoint, has_work
 
 log = logging.getLogger("kdrun")
 register_configs()
 
-# Jobs of a multirun that failed; the sweep goes on and main() reports them at the end.
+# Jobs of a multirun that failed or diverged; the sweep goes on and main() reports them at the end.
 _failed_jobs: list[str] = []
 # The directory Hydra made for the current single run, to remove it if the run fails before any work.
 _current_run_dir: list[Path] = []
@@ -43,7 +44,7 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if not multirun:
         _current_run_dir.append(run_dir)
-    if cfg.resume and not multirun and not (run_dir / "checkpoints" / "last.pt").is_file():
+    if cfg.resume and not multirun and not has_checkpoint(run_dir / "checkpoints"):
         previous = find_resumable_run(run_dir, list(hydra_cfg.overrides.task))
         if previous is None:
             log.warning("resume=true: no interrupted run with these overrides under %s; starting afresh",
@@ -56,16 +57,18 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
         from kdrun.runner import run_experiment  # heavy: torch, timm, torchvision
 
         return run_experiment(cfg, run_dir)["student"]["top1"]
-    except KdrunError as error:
-        if has_work(run_dir):
-            write_json_atomic({"status": "failed", "error": str(error)}, run_dir / METRICS_FILE)
+    except (KdrunError, OSError) as raised:
+        error = as_user_error(raised)
+        if error is None:
+            raise
+        record_failure(error, run_dir)  # metrics.json: status failed or diverged
         if not multirun:
-            _log_to_file_only(f"error: {error}")  # main() prints it once on stderr
+            _log_to_file_only(f"error: {one_line(error)}")  # main() prints it once on stderr
             _run_error.append(error)
             return None
         # In a sweep one bad job must not stop the others.
-        log.error("job failed: %s", error)
-        _failed_jobs.append(f"{run_dir.name}: {error}")
+        log.error("job %s: %s", status_of(error), one_line(error))
+        _failed_jobs.append(f"{run_dir.name} {status_of(error)}: {one_line(error)}")
         return None
 
 
@@ -107,12 +110,13 @@ def main() -> None:
         hydra_entry()
         if _run_error:
             raise _run_error[0]
-    except (KdrunError, ArgvError) as error:
-        _discard_empty_run_dir()
-        if show_traceback:
+    except (KdrunError, ArgvError, OSError) as raised:
+        error = as_user_error(raised)  # an OSError here: Hydra could not create the run directory
+        if error is None or show_traceback:
             raise
-        print(f"kdrun: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _discard_empty_run_dir()
+        print(f"kdrun: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(exit_code(error))
     except KeyboardInterrupt:
         print("kdrun: interrupted; continue later with resume=true (or rerun into the same directory)",
               file=sys.stderr)
@@ -123,7 +127,8 @@ def main() -> None:
         print(f"kdrun: error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
     if _failed_jobs:
-        print(f"kdrun: error: {len(_failed_jobs)} sweep job(s) failed: " + "; ".join(_failed_jobs), file=sys.stderr)
+        print(f"kdrun: error: {len(_failed_jobs)} sweep job(s) did not complete: " + "; ".join(_failed_jobs),
+              file=sys.stderr)
         sys.exit(1)
 
 

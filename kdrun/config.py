@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import KdrunError
+from kdrun.input_checks import check_inputs
 from kdrun.sweep_names import job_dirname
 
 
@@ -75,6 +76,7 @@ def validate(cfg: DictConfig) -> None:
     _check("name" in cfg.dataset, "the dataset config has no `name`: pick one with dataset=NAME")
     _check("terms" in cfg.distill and len(cfg.distill.terms) > 0,
            "the distill config lists no loss terms: pick a method with distill=NAME, e.g. distill=kd")
+    check_inputs(cfg)  # device, dataset name, checkpoint paths: still before any heavy import
 
 
 def stage_epochs(cfg: DictConfig, role: str) -> int:

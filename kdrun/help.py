@@ -1,6 +1,8 @@
 """`kdrun --help`: kdrun's own page (Hydra's generic one stays behind `--hydra-help`)."""
 from __future__ import annotations
 
+import textwrap
+
 from kdrun.paths import group_options
 
 GROUPS = {
@@ -10,6 +12,7 @@ GROUPS = {
     "distill": "distillation method: its loss terms and their weights",
     "optim": "optimizer",
     "sched": "learning-rate schedule",
+    "experiment": "a published recipe that sets the values above (the CIFAR-100 pairs of the literature)",
 }
 
 TOP_LEVEL = [
@@ -22,6 +25,8 @@ TOP_LEVEL = [
     ("device", "auto (cuda if present, else cpu), cpu, cuda, cuda:N, mps"),
     ("baseline", "also train the student on hard labels alone (default true)"),
     ("resume", "continue the newest interrupted run with the same overrides (default false)"),
+    ("cache_dir", "where reusable teacher and baseline stages live (default outputs/cache)"),
+    ("progress", "auto (bars on a terminal, log lines otherwise), true or false"),
     ("teacher.checkpoint", "load the teacher from a kdrun checkpoint or a state dict"),
     ("teacher.pretrained", "start the teacher from timm's pretrained weights (needs the hub)"),
 ]
@@ -50,8 +55,9 @@ def help_text() -> str:
         "Config groups:",
     ]
     for group, meaning in GROUPS.items():
-        lines.append(f"  {group:9} {meaning}")
-        lines.append(f"  {'':9}   {', '.join(group_options(group))}")
+        lines.append(f"  {group:11} {meaning}")
+        lines += textwrap.wrap(", ".join(group_options(group)), width=100, initial_indent=" " * 16,
+                               subsequent_indent=" " * 16, break_on_hyphens=False)
     lines += ["", "Values:"]
     lines += [f"  {key:20} {meaning}" for key, meaning in TOP_LEVEL]
     lines += ["", "Examples:"]
@@ -60,5 +66,8 @@ def help_text() -> str:
         "",
         "Other flags: -m/--multirun (sweep), --cfg job (print the composed config), --config-dir DIR",
         "(add your own configs), --hydra-help (Hydra's flags). See README.md for metrics.json keys.",
+        "",
+        "Exit codes: 0 completed, 2 bad input (one line on stderr), 3 training diverged (metrics.json",
+        "says where; the last good checkpoint is kept), 1 some jobs of a sweep did not complete.",
     ]
     return "\n".join(lines)

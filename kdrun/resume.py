@@ -25,8 +25,9 @@ def find_resumable_run(run_dir: Path, overrides: list[str]) -> Optional[Path]:
     """The newest unfinished run beside `run_dir` (outputs/runs/<date>/<time>) with the same overrides."""
     runs_root = run_dir.parent.parent
     wanted = _comparable(overrides)
-    candidates = sorted(runs_root.glob("*/*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for last in candidates:
+    # last.prev.pt alone counts too: it is what is left when last.pt was found unreadable.
+    checkpoints = [*runs_root.glob("*/*/checkpoints/last.pt"), *runs_root.glob("*/*/checkpoints/last.prev.pt")]
+    for last in sorted(checkpoints, key=lambda p: p.stat().st_mtime, reverse=True):
         candidate = last.parent.parent
         if candidate == run_dir or _finished(candidate):
             continue

@@ -17,7 +17,8 @@ from kdrun.errors import KdrunError
 from kdrun.metrics import classification_metrics, fidelity_metrics
 from kdrun.cost import model_cost, timing_context
 from kdrun.models import check_model_name
-from kdrun.run_files import METRICS_FILE, write_json_atomic
+from kdrun.seeding import seed_everything
+from kdrun.run_files import METRICS_FILE, has_checkpoint, write_json_atomic
 from kdrun.stages import RunContext, distill_student, obtain_baseline, obtain_teacher
 
 log = logging.getLogger("kdrun")
@@ -46,13 +47,14 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     """Run every stage of the experiment described by `cfg`, writing into `run_dir`."""
     started = time.perf_counter()
     validate(cfg)  # again: callers other than the CLI land here directly
+    seed_everything(cfg.seed)
     check_model_name(cfg.teacher.name, "teacher")
     check_model_name(cfg.student.name, "student")
     device = resolve_device(cfg.device)
     data = build_dataset(cfg.dataset)
     log.info("dataset %s; device %s; kdrun %s", describe(data), device, __version__)
     ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress))
-    resume = bool(cfg.resume) or (run_dir / "checkpoints" / "last.pt").is_file()
+    resume = bool(cfg.resume) or has_checkpoint(run_dir / "checkpoints")
 
     input_shape = (data.in_chans, *data.image_size)
 

@@ -143,7 +143,7 @@ def _cached_stage(ctx: RunContext, stage_name: str, role: str, model: nn.Module)
             "dataset": _plain(ctx.cfg.dataset), "recipe": vars(recipe)}
     entry = CacheEntry(ctx.cache_root, stage_name, stage_key(spec))
     with entry.lock():  # parallel sweep jobs wait here while one of them builds the stage
-        if entry.exists():
+        if entry.complete():
             load_model_weights(model, entry.model_path, f"{stage_name} cache", model_cfg.name, ctx.data.num_classes)
             log.info("%s: reusing cached %s from %s", stage_name, model_cfg.name, entry.directory)
             return StageOutcome(model.to(ctx.device), "cache", str(entry.model_path))

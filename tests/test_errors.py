@@ -1,85 +1,293 @@
-"""Bad input: one line on stderr, a non-zero exit, no traceback, no half-written run directory."""
+"""Bad input: one line on stderr, a non-zero exit, no traceback, no half-written run directory.
+
+The catalogue runs through tests/cli_batch.py: one process imports kdrun once and forks a child
+per invocation, which calls kdrun's main() exactly as the `kdrun` command does. LIGHT cases are
+answered before torch is imported (the batch checks it); HEAVY ones need a model or a dataset built.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import TINY
 
-CASES = {
-    "unknown teacher preset": (["teacher=resnet5O"], "unknown teacher model 'resnet5O'; did you mean 'resnet50'"),
-    "unknown student name": (["student.name=mobilenetv3_lage_100"], "did you mean 'mobilenetv3_large_100'"),
-    "unknown dataset": (["dataset=cifar11"], "unknown dataset 'cifar11'"),
-    "unknown dataset name in config": (["dataset.name=cifar11"], "unknown dataset 'cifar11'"),
+HERE = Path(__file__).parent
+NOT_TINY_DATA = [a for a in TINY if not a.startswith("dataset")]
+# A run that gets to the distill stage at once: the teacher is loaded, no baseline is trained.
+LOADED_TEACHER = ["teacher.checkpoint={inputs}/teacher.pt", "baseline=false"]
+
+# name: (arguments after TINY, a piece of the one-line error). {inputs} is the folder of prepared files.
+LIGHT = {
     "zero temperature": (["T=0"], "T=0.0 must be > 0"),
     "negative temperature": (["T=-2"], "T=-2.0 must be > 0"),
+    "temperature not a number": (["T=hot"], "T=hot"),
+    "temperature a list": (["T=[1,2]"], "could not be converted to Float"),
     "alpha above one": (["alpha=1.5"], "alpha=1.5 must be within [0, 1]"),
     "alpha below zero": (["alpha=-0.1"], "alpha=-0.1 must be within [0, 1]"),
+    "alpha not a number": (["alpha=abc"], "alpha=abc"),
     "zero epochs": (["epochs=0"], "epochs=0 must be >= 1"),
-    "temperature not a number": (["T=hot"], "T=hot"),
+    "fractional epochs": (["epochs=2.5"], "epochs=2.5"),
+    "negative stage epochs": (["student.epochs=-1"], "student.epochs=-1 must be >= 1"),
+    "zero batch size": (["batch_size=0"], "batch_size=0 must be >= 1"),
+    "batch size not a number": (["batch_size=many"], "batch_size=many"),
+    "zero learning rate": (["lr=0"], "lr=0.0 must be > 0"),
+    "negative stage learning rate": (["teacher.lr=-0.1"], "teacher.lr=-0.1 must be > 0"),
+    "learning rate not a number": (["lr=fast"], "lr=fast"),
+    "negative seed": (["seed=-1"], "seed=-1 must be >= 0"),
+    "fractional seed": (["seed=1.5"], "seed=1.5"),
+    "unknown device": (["device=tpu"], "device=tpu is not a device"),
+    "device with a bad index": (["device=cuda:x"], "device=cuda:x is not a device"),
+    "progress not a choice": (["progress=maybe"], "progress=maybe must be auto, true or false"),
+    "baseline not a bool": (["baseline=maybe"], "baseline=maybe"),
+    "resume not a bool": (["resume=sometimes"], "resume=sometimes"),
     "unknown key": (["teacher.colour=red"], "teacher.colour"),
+    "misspelt top-level key": (["epoch=3"], "Key 'epoch' not in"),
+    "unknown dataset": (["dataset=cifar11"], "unknown dataset 'cifar11'"),
+    "unknown dataset name in config": (["dataset.name=cifar11"], "unknown dataset 'cifar11'"),
+    "unknown method": (["distill=kdd"], "unknown distill 'kdd'"),
+    "unknown optimizer": (["optim=adam"], "unknown optim 'adam'"),
+    "unknown schedule": (["sched=step"], "unknown sched 'step'"),
+    "unknown experiment": (["experiment=cifar100_resnet56"], "unknown experiment 'cifar100_resnet56'"),
     "missing checkpoint": (["teacher.checkpoint=nowhere/t.pt"], "no such file"),
-    "batch larger than the data": (["batch_size=1000"], "batch_size=1000 is larger than the training set"),
-    "cifar10 files missing": (["dataset=cifar10", "dataset.root=no_data_here"], "dataset.download=true"),
+    "checkpoint is a folder": (["teacher.checkpoint={inputs}"], "is a directory"),
+    "unknown flag": (["--epochs=3"], "unknown option '--epochs'"),
+    "unwritable run directory": (["hydra.run.dir={inputs}/blocker/run"], "Not a directory"),
+    "unwritable sweep directory": (["-m", "T=1,2", "hydra.sweep.dir={inputs}/blocker/sweep"], "Not a directory"),
+}
+
+HEAVY = {
+    "unknown teacher preset": (["teacher=resnet5O"], "unknown teacher model 'resnet5O'; did you mean 'resnet50'"),
+    "unknown student name": (["student.name=mobilenetv3_lage_100"], "did you mean 'mobilenetv3_large_100'"),
     "pretrained weights offline": (["teacher.name=resnet18", "teacher.pretrained=true"], "teacher.checkpoint=PATH"),
     "device without a GPU": (["device=cuda:3"], "device=cuda:3") if not torch.cuda.is_available() else
-    (["device=tpu"], "device=tpu"),
+    (["device=cuda:99"], "device=cuda:99"),
+    "cifar10 files missing": (["dataset=cifar10", "dataset.root=no_data_here"], "dataset.download=true"),
+    "file that is not a checkpoint": (["teacher.checkpoint={inputs}/notes.pt"], "is not a readable checkpoint"),
+    "truncated checkpoint": (["teacher.checkpoint={inputs}/truncated.pt"], "is not a readable checkpoint"),
+    "checkpoint for 100 classes": (["teacher.checkpoint={inputs}/classes100.pt"],
+                                   "has 100 output classes but the dataset has 10"),
+    "kdrun checkpoint for 100 classes": (["teacher.checkpoint={inputs}/classes100_kdrun.pt"],
+                                         "was trained for 100 classes but the dataset has 10"),
+    "checkpoint for grayscale images": (["teacher.checkpoint={inputs}/gray.pt"],
+                                        "takes 1-channel images but the dataset has 3 channels"),
+    "kdrun checkpoint for grayscale images": (["teacher.checkpoint={inputs}/gray_kdrun.pt"],
+                                              "was trained on 1-channel images but the dataset has 3 channels"),
+    "checkpoint of another architecture": (["teacher.checkpoint={inputs}/resnet8.pt"], "does not fit 'cifar:resnet14'"),
+    "batch larger than the data": (["batch_size=1000"], "batch_size=1000 is larger than the training set"),
+    "bad synthetic option": (["dataset.image_size=0"], "dataset.image_size=0 must be an integer >= 1"),
+    "misspelt dataset key": (["+dataset.augmnet=false"], "unknown key(s) dataset.augmnet"),
+    "imagefolder without root": (["dataset=imagefolder"], "dataset.root is required"),
+    "imagefolder root missing": (["dataset=imagefolder", "dataset.root={inputs}/nowhere"], "does not exist"),
+    "imagefolder without train folder": (["dataset=imagefolder", "dataset.root={inputs}/blank"], "train not found"),
+    "imagefolder without class folders": (["dataset=imagefolder", "dataset.root={inputs}/no_classes"],
+                                          "no class subfolders"),
+    "imagefolder class without images": (["dataset=imagefolder", "dataset.root={inputs}/empty_class"],
+                                         "no images found in"),
+    "imagefolder classes differ": (["dataset=imagefolder", "dataset.root={inputs}/classes_differ"],
+                                   "class folders differ"),
+    "undecodable image": (["dataset=imagefolder", "dataset.root={inputs}/bad_image", "dataset.image_size=16",
+                           "batch_size=2"], "cannot decode image"),
+    "unknown loss term type": ([*LOADED_TEACHER, "distill.terms.kd.type=kdd"], "unknown loss term type 'kdd'"),
+    "unknown student layer": ([*LOADED_TEACHER, "distill=fitnets", "+distill.student_layers=[nope]",
+                               "+distill.teacher_layers=[stages.1]"], "nope"),
+    "layer lists of different lengths": ([*LOADED_TEACHER, "distill=fitnets",
+                                          "+distill.student_layers=[stages.0,stages.1]",
+                                          "+distill.teacher_layers=[stages.1]"],
+                                         "distill.student_layers names 2 layers and distill.teacher_layers 1"),
+    "unwritable cache": (["cache_dir={inputs}/blocker/cache"], "Not a directory"),
+}
+
+# Runs into a directory that already holds work: the error must leave it as it was (metrics.json aside).
+EXISTING_RUN = {
+    "run directory of another model": ([*LOADED_TEACHER, "hydra.run.dir={inputs}/other_model_run"],
+                                       "was written for model_name='cifar:resnet20'"),
+    "torn last.pt and no earlier one": ([*LOADED_TEACHER, "hydra.run.dir={inputs}/torn_run"],
+                                        "last.pt is unreadable (moved to *.corrupt)"),
 }
 
 
-def assert_one_line_error(proc, expected: str, cwd):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr
+def _model_state(name="cifar:resnet14", num_classes=10, in_chans=3):
+    from kdrun.models import create_model
+
+    torch.manual_seed(0)
+    return create_model(name, num_classes=num_classes, in_chans=in_chans).state_dict()
+
+
+def _kdrun_checkpoint(state, name="cifar:resnet14", num_classes=10, in_chans=3):
+    return {"format": "kdrun-checkpoint", "version": 1, "model_name": name, "num_classes": num_classes,
+            "in_chans": in_chans, "dataset": "synthetic", "stage": "teacher", "model": state}
+
+
+def _png(path: Path, seed: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    Image.fromarray(torch.randint(0, 255, (20, 20, 3), generator=generator, dtype=torch.uint8).numpy()).save(path)
+
+
+def make_inputs(inputs: Path) -> None:
+    """Every broken file and folder the catalogue points at."""
+    inputs.mkdir()
+    (inputs / "blocker").write_text("a file where a folder should be")
+    (inputs / "notes.pt").write_text("these are not weights")
+    teacher = _model_state()
+    torch.save(teacher, inputs / "teacher.pt")
+    whole = (inputs / "teacher.pt").read_bytes()
+    (inputs / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    torch.save(_model_state(num_classes=100), inputs / "classes100.pt")
+    torch.save(_kdrun_checkpoint(_model_state(num_classes=100), num_classes=100), inputs / "classes100_kdrun.pt")
+    torch.save(_model_state(in_chans=1), inputs / "gray.pt")
+    torch.save(_kdrun_checkpoint(_model_state(in_chans=1), in_chans=1), inputs / "gray_kdrun.pt")
+    torch.save(_model_state("cifar:resnet8"), inputs / "resnet8.pt")
+    (inputs / "blank").mkdir()
+    for split in ("train", "val"):
+        (inputs / "no_classes" / split).mkdir(parents=True)
+        (inputs / "empty_class" / split / "cat").mkdir(parents=True)
+        _png(inputs / "classes_differ" / split / "cat" / "1.png", 1)
+        _png(inputs / "bad_image" / split / "cat" / "1.png", 2)
+        _png(inputs / "bad_image" / split / "dog" / "1.png", 3)
+    _png(inputs / "classes_differ" / "train" / "dog" / "1.png", 4)
+    _png(inputs / "bad_image" / "train" / "dog" / "2.png", 5)
+    (inputs / "bad_image" / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 20)
+    other = _kdrun_checkpoint(_model_state("cifar:resnet20"), name="cifar:resnet20")
+    other.update(loss={}, optimizer={}, scheduler={}, epoch=1, history=[], best_top1=0.1, best_epoch=1, rng={})
+    (inputs / "other_model_run" / "checkpoints").mkdir(parents=True)
+    torch.save(other, inputs / "other_model_run" / "checkpoints" / "last.pt")
+    (inputs / "torn_run" / "checkpoints").mkdir(parents=True)
+    (inputs / "torn_run" / "checkpoints" / "last.pt").write_bytes(whole[:1000])
+
+
+def _arguments(args: list[str], inputs: Path) -> list[str]:
+    args = [a.replace("{inputs}", str(inputs)) for a in args]
+    base = NOT_TINY_DATA if any(a.startswith(("dataset=", "dataset.root")) for a in args) else TINY
+    return [*base, *args]
+
+
+def run_batch(mode: str, cases: dict, root: Path, inputs: Path) -> dict:
+    """Run every case of `cases` in its own working directory; returns name -> (result, cwd)."""
+    batch = root / mode
+    batch.mkdir()
+    payload, cwds = [], {}
+    for i, (name, (args, _)) in enumerate(cases.items()):
+        cwd = batch / f"case{i}"
+        cwd.mkdir()
+        cwds[name] = cwd
+        payload.append({"args": _arguments(args, inputs), "cwd": str(cwd)})
+    (batch / "cases.json").write_text(json.dumps(payload))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("KDRUN_TRACEBACK", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, str(HERE / "cli_batch.py"), mode, str(batch / "cases.json"),
+                           str(batch / "results.json")], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((batch / "results.json").read_text())
+    return {name: (result, cwds[name]) for name, result in zip(cases, results)}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("errors") / "inputs"
+    make_inputs(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def light_results(inputs):
+    return run_batch("light", LIGHT, inputs.parent, inputs)
+
+
+@pytest.fixture(scope="module")
+def heavy_results(inputs):
+    return run_batch("heavy", {**HEAVY, **EXISTING_RUN}, inputs.parent, inputs)
+
+
+def assert_one_line_error(result: dict, expected: str) -> str:
+    stderr = result["stderr"]
+    assert result["rc"] == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
     error_lines = [line for line in lines if line.startswith("kdrun: error:")]
-    assert len(error_lines) == 1, proc.stderr
+    assert len(error_lines) == 1, stderr
     # Nothing else but kdrun's own timestamped log lines.
-    assert all(line == error_lines[0] or line.startswith("[") for line in lines), proc.stderr
+    assert all(line == error_lines[0] or line.startswith("[") for line in lines), stderr
     assert expected in error_lines[0], error_lines[0]
-    runs = cwd / "outputs" / "runs"
-    assert not runs.exists() or not any(runs.glob("*/*/.hydra")), "a failed run left its directory behind"
+    return error_lines[0]
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_bad_input(name, kdrun, tmp_path):
-    args, expected = CASES[name]
-    base = TINY if not args[0].startswith("dataset=") else [a for a in TINY if not a.startswith("dataset")]
-    assert_one_line_error(kdrun(*base, *args), expected, tmp_path)
+def assert_no_run_directory(cwd: Path) -> None:
+    for runs in ("runs", "multirun"):
+        left = list((cwd / "outputs" / runs).glob("*/*"))
+        assert not left, f"a failed run left {left} behind"
 
 
-def _save(obj, path):
-    torch.save(obj, path)
-    return path
+@pytest.mark.parametrize("name", LIGHT)
+def test_bad_input_answered_before_torch_loads(name, light_results):
+    result, cwd = light_results[name]
+    assert_one_line_error(result, LIGHT[name][1])
+    assert result["torch"] is False, "answering this should not need torch"
+    assert_no_run_directory(cwd)
 
 
-def test_file_that_is_not_a_checkpoint(kdrun, tmp_path):
-    bad = tmp_path / "notes.pt"
-    bad.write_text("these are not weights")
-    assert_one_line_error(kdrun(*TINY, f"teacher.checkpoint={bad}"), "is not a readable checkpoint", tmp_path)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", HEAVY)
+def test_bad_input_found_while_building(name, heavy_results):
+    result, cwd = heavy_results[name]
+    assert_one_line_error(result, HEAVY[name][1])
+    assert_no_run_directory(cwd)
 
 
-def test_checkpoint_for_another_class_count(kdrun, tmp_path):
-    from kdrun.models import create_model
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXISTING_RUN)
+def test_bad_existing_run_directory_is_kept(name, heavy_results, inputs):
+    result, _ = heavy_results[name]
+    message = assert_one_line_error(result, EXISTING_RUN[name][1])
+    run_dir = inputs / EXISTING_RUN[name][0][-1].split("/")[-1]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["error"] == message[len("kdrun: error: "):]
+    kept = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert kept & {"last.pt", "last.pt.corrupt"}, kept  # the user's file is still there (or moved aside)
 
-    state = create_model("cifar:resnet14", num_classes=100, in_chans=3).state_dict()
-    path = _save(state, tmp_path / "teacher100.pt")
-    assert_one_line_error(kdrun(*TINY, f"teacher.checkpoint={path}"),
-                          "has 100 output classes but the dataset has 10", tmp_path)
+
+def test_catalogue_is_large_and_names_the_fix():
+    assert len(LIGHT) + len(HEAVY) + len(EXISTING_RUN) >= 30
 
 
-def test_checkpoint_of_another_architecture(kdrun, tmp_path):
-    from kdrun.models import create_model
+def test_hydra_flags_are_the_ones_kdrun_lets_through():
+    from hydra._internal.utils import get_args_parser
 
-    path = _save(create_model("cifar:resnet8", num_classes=10, in_chans=3).state_dict(), tmp_path / "r8.pt")
-    assert_one_line_error(kdrun(*TINY, f"teacher.checkpoint={path}"), "does not fit 'cifar:resnet14'", tmp_path)
+    from kdrun.argv import HYDRA_FLAGS
+
+    hydra_flags = {flag for action in get_args_parser()._actions for flag in action.option_strings}
+    assert hydra_flags == set(HYDRA_FLAGS)
+
+
+def test_crd_without_sample_indices_is_one_line():
+    """Every kdrun dataset yields indices; a caller building the loss by hand may not pass them."""
+    from kdrun.distill.context import FeatureShapes, StepContext
+    from kdrun.distill.relation import CRDTerm
+    from kdrun.errors import KdrunError
+
+    term = CRDTerm(FeatureShapes(student_dim=8, teacher_dim=8, num_samples=16), nce_k=4)
+    ctx = StepContext(torch.zeros(2, 10), torch.zeros(2, dtype=torch.long), None,
+                      student_embedding=torch.randn(2, 8), teacher_embedding=torch.randn(2, 8))
+    with pytest.raises(KdrunError, match="crd needs sample indices from the dataset") as raised:
+        term(ctx)
+    assert "\n" not in str(raised.value)
 
 
 def test_plain_state_dict_teacher_is_loaded_not_trained(kdrun, tmp_path):
     from kdrun.models import create_model
 
     torch.manual_seed(1)
-    path = _save(create_model("cifar:resnet14", num_classes=10, in_chans=3).state_dict(), tmp_path / "t.pt")
-    proc = kdrun(*TINY, f"teacher.checkpoint={path}", "baseline=false", "hydra.run.dir=run")
+    path = tmp_path / "t.pt"
+    torch.save(create_model("cifar:resnet14", num_classes=10, in_chans=3).state_dict(), path)
+    proc = kdrun(*TINY, f"teacher.checkpoint={path}", "baseline=false", "epochs=1", "hydra.run.dir=run")
     assert proc.returncode == 0, proc.stderr
     assert "teacher: loaded cifar:resnet14" in proc.stderr and "teacher: training" not in proc.stderr
-    import json
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["teacher"]["source"] == "checkpoint" and metrics["baseline"] is None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -13,12 +13,18 @@ from kdrun.errors import KdrunError
 FORMAT = "kdrun-checkpoint"
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """Write to a temporary file and rename it: a kill mid-write never leaves a truncated file."""
+def save_atomic(obj: Any, path: Path, keep_previous: Optional[Path] = None) -> None:
+    """Write to a temporary file and rename it: a kill mid-write never leaves a truncated file.
+
+    With `keep_previous`, the file being replaced is first renamed there (also atomic), so a good
+    older copy survives a new file that later turns out unreadable.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
+    if keep_previous is not None and path.is_file():
+        os.replace(path, keep_previous)
     os.replace(tmp, path)
 
 
@@ -68,6 +74,10 @@ def load_model_weights(model: nn.Module, path: str | Path, option: str, model_na
     if meta.get("num_classes") not in (None, num_classes):
         raise KdrunError(f"{option}={path} was trained for {meta['num_classes']} classes but the dataset has "
                          f"{num_classes}; use a checkpoint trained on this dataset or pick the matching dataset")
+    channels = model_in_chans(model)
+    if meta.get("in_chans") is not None and channels > 0 and meta["in_chans"] != channels:
+        raise KdrunError(f"{option}={path} was trained on {meta['in_chans']}-channel images but the dataset has "
+                         f"{channels} channels; use a checkpoint trained on this dataset or pick the matching dataset")
     saved_name = meta.get("model_name")
     if saved_name and saved_name != model_name:
         role = option.split(".")[0]
@@ -85,6 +95,9 @@ def load_model_weights(model: nn.Module, path: str | Path, option: str, model_na
         if key.rsplit(".", 1)[0] == classifier and got[1:] == want[1:]:
             raise KdrunError(f"{option}={path} has {got[0]} output classes but the dataset has {want[0]}; "
                              "use a checkpoint trained on this dataset or pick the matching dataset")
+        if key == _stem_key(expected) and len(got) == 4 and got[0] == want[0] and got[2:] == want[2:]:
+            raise KdrunError(f"{option}={path} takes {got[1]}-channel images but the dataset has {want[1]} "
+                             "channels; use a checkpoint trained on this dataset or pick the matching dataset")
         raise KdrunError(f"{option}={path} does not fit '{model_name}': '{key}' has shape {got}, the model "
                          f"expects {want}; check the model name and the dataset's channels/classes")
     if missing or unexpected:
@@ -93,6 +106,17 @@ def load_model_weights(model: nn.Module, path: str | Path, option: str, model_na
                          f"{len(unexpected)} unexpected keys, e.g. '{example}'); check the model name")
     model.load_state_dict(state)
     return meta
+
+
+def model_in_chans(model: nn.Module) -> int:
+    """Input channels: those of the first convolution's weight (every model kdrun builds has one)."""
+    key = _stem_key(model.state_dict())
+    return int(model.state_dict()[key].shape[1]) if key else -1
+
+
+def _stem_key(state: Mapping[str, torch.Tensor]) -> str:
+    """The weight of the first 4-D layer: the stem convolution, which sets the input channels."""
+    return next((k for k, v in state.items() if k.endswith("weight") and v.dim() == 4), "")
 
 
 def _classifier_key(state: Mapping[str, torch.Tensor]) -> str:

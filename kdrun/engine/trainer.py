@@ -15,8 +15,10 @@ from tqdm.auto import tqdm
 
 from kdrun.distill import DistillLoss
 from kdrun.engine.checkpoint import FORMAT, save_atomic
+from kdrun.engine.divergence import LossWatch, Where, check_finite_weights
 from kdrun.engine.evaluate import predict
 from kdrun.engine.forward import FeaturePairing, StepForward
+from kdrun.engine.last_checkpoint import load_last, restore, save_last
 from kdrun.engine.loaders import Batches
 from kdrun.engine.optim import build_optimizer, build_scheduler
 from kdrun.errors import KdrunError
@@ -95,13 +97,11 @@ def train(stage: Stage, model: nn.Module, loss: DistillLoss, train_set, val_set,
     scheduler = build_scheduler(optimizer, recipe.sched, steps_per_epoch, recipe.epochs)
     result, start_epoch = StageResult(), 0
 
-    last_path = stage.checkpoint_dir / "last.pt"
-    if resume and last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        loss.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    resumed = load_last(stage.checkpoint_dir, stage.name, stage.meta) if resume else None
+    if resumed is not None:
+        state, last_path = resumed
+        restore(state, last_path, stage.name, (model, "model"), (loss, "loss"), (optimizer, "optimizer"),
+                (scheduler, "scheduler"))
         _set_rng_state(state["rng"])
         result = StageResult(state["history"], state["best_top1"], state["best_epoch"])
         start_epoch = state["epoch"]
@@ -131,9 +131,11 @@ def train(stage: Stage, model: nn.Module, loss: DistillLoss, train_set, val_set,
             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": result.history,
             "best_top1": result.best_top1, "best_epoch": result.best_epoch, "rng": _rng_state(),
         }
+        # A non-finite gradient can spoil the weights while the losses stay finite: never save that.
+        check_finite_weights(_where(stage, epoch, steps_per_epoch), [model, loss], record["lr"])
         if improved:
             save_atomic({**checkpoint, "optimizer": None, "scheduler": None}, stage.checkpoint_dir / "best.pt")
-        save_atomic(checkpoint, last_path)
+        save_last(checkpoint, stage.checkpoint_dir)
         if on_epoch is not None:
             on_epoch(epoch, record)
     epochs_bar.close()
@@ -146,7 +148,9 @@ def _train_one_epoch(stage: Stage, model, loss, train_set, step_forward: StepFor
     loss.train()
     batches = Batches(train_set, stage.recipe.batch_size, stage.device, shuffle=True,
                       seed=stage.recipe.seed, epoch=epoch, num_workers=stage.num_workers)
-    step_losses: list[torch.Tensor] = []   # kept on the device; read once per epoch (one sync, not one per step)
+    names = ["loss", *(f"loss_{name}" for name in loss.terms)]
+    # Kept on the device and read once per epoch; a non-finite value stops the stage at once (see divergence.py).
+    watch = LossWatch(_where(stage, epoch, steps_per_epoch), names, stage.device)
     lrs: list[float] = []
     correct = torch.zeros((), device=stage.device)
     seen = 0
@@ -160,16 +164,10 @@ def _train_one_epoch(stage: Stage, model, loss, train_set, step_forward: StepFor
         optimizer.step()
         lrs.append(optimizer.param_groups[0]["lr"])
         scheduler.step()
-        step_losses.append(torch.stack([total.detach(), *(v.detach() for v in parts.values())]))
+        watch.add(torch.stack([total.detach(), *(v.detach() for v in parts.values())]), lrs[-1])
         correct += (ctx.student_logits.detach().argmax(1) == labels).sum()
         seen += labels.numel()
-    values = torch.stack(step_losses).float().cpu()
-    names = ["loss", *(f"loss_{name}" for name in loss.terms)]
-    if not torch.isfinite(values).all():
-        bad_step, bad_col = map(int, (~torch.isfinite(values)).nonzero()[0])
-        raise KdrunError(f"{stage.name}: {names[bad_col]} became {values[bad_step, bad_col].item()} at step "
-                         f"{epoch * steps_per_epoch + bad_step + 1}; lower lr (now {stage.recipe.lr}) or check "
-                         "the loss weights")
+    values = watch.values()
     if stage.writer is not None:
         first_step = epoch * steps_per_epoch
         for i, row in enumerate(values.tolist()):
@@ -179,6 +177,10 @@ def _train_one_epoch(stage: Stage, model, loss, train_set, step_forward: StepFor
     means = values.mean(0).tolist()
     return {**{name: round(v, 6) for name, v in zip(names, means)}, "train_top1": correct.item() / max(seen, 1),
             "lr": lrs[-1]}
+
+
+def _where(stage: Stage, epoch: int, steps_per_epoch: int) -> Where:
+    return Where(stage.name, epoch, stage.recipe.epochs, steps_per_epoch, stage.checkpoint_dir)
 
 
 def _log_epoch(stage: Stage, record: dict, epochs: int) -> None:
