@@ -22,6 +22,7 @@ TOP_LEVEL = [
     ("device", "auto (cuda if present, else cpu), cpu, cuda, cuda:N, mps"),
     ("baseline", "also train the student on hard labels alone (default true)"),
     ("resume", "continue the newest interrupted run with the same overrides (default false)"),
+    ("tb_figures", "TensorBoard soft-target figures of N test images per epoch; 0: none (default 4)"),
     ("teacher.checkpoint", "load the teacher from a kdrun checkpoint or a state dict"),
     ("teacher.pretrained", "start the teacher from timm's pretrained weights (needs the hub)"),
 ]
