@@ -176,16 +176,20 @@ def build_report(root: Path) -> Report:
                 groups[group_key] = Row(dict(zip(row_keys, group_key)), [])
                 rows.append(groups[group_key])
             groups[group_key].runs.append(run)
-        else:  # unfinished and failed runs keep their own row, seed included
-            rows.append(Row({key: run.overrides.get(key) for key in swept}, [run]))
+        else:  # unfinished and failed runs keep a row of their own
+            rows.append(Row({key: run.overrides.get(key) for key in row_keys}, [run]))
     for row in rows:
         row.stats = {column.name: _mean_std([column.value(run.metrics) for run in row.runs if run.metrics])
                      for column in COLUMNS}
     grouped = "seed" in swept and any(len(row.runs) > 1 for row in rows)
-    if not grouped and "seed" in swept:  # nothing to average: show seeds as a plain column
+    if "seed" in swept and not grouped:  # nothing to average: the seed is a plain column
         for row in rows:
             row.keys = {key: row.runs[0].overrides.get(key) for key in swept}
     return Report(root, runs, swept, grouped, rows)
+
+
+def row_seeds(row: Row) -> str:
+    return ",".join(run.overrides.get("seed") or "-" for run in row.runs)
 
 
 def _mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
@@ -213,7 +217,7 @@ def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
     cells = []
     for row in report.rows:
         line = [row.keys[key] if row.keys[key] is not None else "-" for key in key_names]
-        line += [str(len(row.runs))] if report.grouped_seeds else []
+        line += [row_seeds(row)] if report.grouped_seeds else []
         line += [_show(*row.stats[c.name], c.unit) for c in COLUMNS] + [row.status]
         cells.append(line)
     return headers, cells
@@ -244,14 +248,14 @@ def write_markdown(report: Report, path: Path) -> None:
 def write_csv(report: Report, path: Path) -> None:
     """Plain numbers (accuracies as fractions, as in metrics.json); `<name>_std` over grouped seeds."""
     key_names = list(report.rows[0].keys) if report.rows else []
-    header = key_names + ["runs"] + [name for c in COLUMNS for name in (c.name, f"{c.name}_std")] + ["status", "paths"]
+    header = key_names + ["runs", "seeds"] + [name for c in COLUMNS for name in (c.name, f"{c.name}_std")] + ["status", "paths"]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for row in report.rows:
             stats = [("" if v is None else repr(v)) for c in COLUMNS for v in row.stats[c.name]]
             paths = ";".join(str(run.path.relative_to(report.root)) for run in row.runs)
-            writer.writerow([row.keys[k] or "" for k in key_names] + [len(row.runs)] + stats + [row.status, paths])
+            writer.writerow([row.keys[k] or "" for k in key_names] + [len(row.runs), row_seeds(row)] + stats + [row.status, paths])
 
 
 def write_report(root: Path) -> str:

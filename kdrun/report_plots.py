@@ -58,7 +58,7 @@ def accuracy_plots(report, out_dir: Path) -> list[Path]:
                         label=_label(dict(others)))
         _draw_references(ax, rows)
         xs = sorted({_number(row.keys[x_key]) for row in rows})
-        if xs[0] > 0 and xs[-1] / xs[0] >= 8:  # temperatures 1, 2, 4, 8...: even spacing on a log axis
+        if xs[0] > 0 and xs[-1] / xs[0] >= 4:  # temperatures 1, 2, 4, 8...: even spacing on a log axis
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_xlabel(x_key)
