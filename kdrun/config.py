@@ -42,6 +42,7 @@ class KdrunConfig:
     resume: bool = False
     cache_dir: str = "outputs/cache"
     progress: str = "auto"
+    tb_figures: int = 4               # soft-target figures per epoch (images); 0: no figures
 
 
 def register_configs() -> None:
@@ -71,6 +72,7 @@ def validate(cfg: DictConfig) -> None:
                f"{role}.epochs={model.epochs} must be >= 1 (or null to use epochs={cfg.epochs})")
         _check(model.lr is None or model.lr > 0,
                f"{role}.lr={model.lr} must be > 0 (or null to use lr={cfg.lr})")
+    _check(cfg.tb_figures >= 0, f"tb_figures={cfg.tb_figures} must be >= 0 (0 turns figures off), e.g. tb_figures=4")
     _check(str(cfg.progress).lower() in ("auto", "true", "false"),
            f"progress={cfg.progress} must be auto, true or false")
     _check("name" in cfg.dataset, "the dataset config has no `name`: pick one with dataset=NAME")

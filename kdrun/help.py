@@ -27,6 +27,7 @@ TOP_LEVEL = [
     ("resume", "continue the newest interrupted run with the same overrides (default false)"),
     ("cache_dir", "where reusable teacher and baseline stages live (default outputs/cache)"),
     ("progress", "auto (bars on a terminal, log lines otherwise), true or false"),
+    ("tb_figures", "TensorBoard soft-target figures of N test images per epoch; 0: none (default 4)"),
     ("teacher.checkpoint", "load the teacher from a kdrun checkpoint or a state dict"),
     ("teacher.pretrained", "start the teacher from timm's pretrained weights (needs the hub)"),
 ]

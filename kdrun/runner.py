@@ -20,6 +20,7 @@ from kdrun.models import check_model_name
 from kdrun.seeding import seed_everything
 from kdrun.run_files import METRICS_FILE, has_checkpoint, write_json_atomic
 from kdrun.stages import RunContext, distill_student, obtain_baseline, obtain_teacher
+from kdrun.tblog import write_run_summary
 
 log = logging.getLogger("kdrun")
 
@@ -105,6 +106,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_json_atomic(metrics, run_dir / METRICS_FILE)
+    write_run_summary(run_dir, cfg, metrics, {"teacher": teacher_logits, "student": student_logits}, labels)
     print(result_table(metrics))
     return metrics
 
@@ -112,12 +114,24 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
 def result_table(metrics: dict) -> str:
     rows = [("teacher", metrics["teacher"]), ("baseline", metrics["baseline"]), ("distilled", metrics["student"])]
     width = max(len(m["name"]) for _, m in rows if m) + 2
-    lines = [f"{'':10}{'model':{width}}{'top-1':>8}{'top-5':>8}{'params':>9}{'MFLOPs':>9}{'latency':>10}"]
+    lines = [f"{'':10}{'model':{width}}{'top-1':>8}{'top-5':>8}{'NLL':>7}{'ECE':>7}{'params':>9}{'MFLOPs':>9}"
+             f"{'latency':>10}"]
     for label, m in rows:
         if m:
             lines.append(f"{label:10}{m['name']:{width}}{100 * m['top1']:7.2f}%{100 * m['top5']:7.2f}%"
+                         f"{m['nll']:7.3f}{100 * m['ece']:6.2f}%"
                          f"{m['params'] / 1e6:8.2f}M{m['flops'] / 1e6:9.1f}{m['latency_ms']:8.2f}ms")
     if metrics["gain_over_baseline"] is not None:
         lines.append(f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
                      f"(T={metrics['T']}, alpha={metrics['alpha']}, {metrics['method']})")
+    lines.append(fidelity_line(metrics))
     return "\n".join(lines)
+
+
+def fidelity_line(metrics: dict) -> str:
+    """How the student follows the teacher and what it saves: one line under the table."""
+    student, retained = metrics["student"], metrics["retained"]
+    return (f"student vs teacher: agreement {100 * student['agreement']:.2f}%, KL(T=1) {student['kl_t1']:.4f}, "
+            f"KL(T={metrics['T']:g}) {student['kl_T']:.4f}, "
+            f"retained {'n/a' if retained is None else f'{100 * retained:.1f}%'}, "
+            f"compression {metrics['compression']:.2f}x, speed-up {metrics['speedup']:.2f}x")

@@ -23,7 +23,8 @@ from kdrun.engine.forward import FeaturePairing
 from kdrun.engine.trainer import Recipe, Stage, StageResult, train
 from kdrun.errors import KdrunError
 from kdrun.models import create_model
-from kdrun.tblog import open_writer
+from kdrun.soft_targets import soft_target_logger
+from kdrun.tblog import open_writer, write_layout
 
 log = logging.getLogger("kdrun")
 
@@ -102,12 +103,15 @@ def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float, re
                  [pairing.teacher.names[i] for i in pairing.teacher_index])
     loss = build_loss(distill_cfg, shapes)
     writer = open_writer(ctx.run_dir)
+    write_layout(writer)
+    figures = soft_target_logger(writer, ctx.data, model, teacher, ctx.cfg.T, int(ctx.cfg.tb_figures), ctx.device)
     stage = Stage("student", ctx.recipe("student"), ctx.device, ctx.run_dir / "checkpoints",
                   ctx.meta("student"), writer, ctx.progress, {"teacher": teacher_top1},
                   num_workers=ctx.data_workers)
     try:
         result = train(stage, model, loss, ctx.data.train, ctx.data.test,
-                       teacher=teacher if loss.needs_teacher else None, resume=resume, features=pairing)
+                       teacher=teacher if loss.needs_teacher else None, resume=resume, features=pairing,
+                       on_epoch=figures)
     finally:
         writer.close()
     return StageOutcome(model, "trained", str(ctx.run_dir / "checkpoints" / "last.pt"), result)

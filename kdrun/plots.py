@@ -1,0 +1,130 @@
+"""Figures for TensorBoard: soft targets of a few images, and reliability diagrams.
+
+matplotlib is imported inside the functions (and only when figures are on): a run with
+`tb_figures=0` never loads it. Figures are drawn with matplotlib's object API on an Agg canvas,
+never through pyplot, so no GUI backend or global figure state is involved.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TOP_CLASSES = 10     # bars per soft-target panel
+LABEL_CHARS = 10     # class names are cut to this many characters under the bars
+
+
+def figure_to_array(figure) -> np.ndarray:
+    """RGB uint8 (H, W, 3) pixels of a matplotlib Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def displayable(image: torch.Tensor, mean, std) -> np.ndarray:
+    """A normalized (C, H, W) image back on the 0..1 scale, as (H, W) or (H, W, 3) for imshow."""
+    channels = image.shape[0]
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    pixels = (image.float().cpu() * std_t + mean_t).clamp(0, 1)
+    if channels == 1:
+        return pixels[0].numpy()
+    return pixels[:3].permute(1, 2, 0).numpy() if channels >= 3 else pixels[0].numpy()
+
+
+class SoftTargetFigure:
+    """One image, then three bar panels over the teacher's top classes: the teacher at T=1, its soft
+    targets at T, and the student's probabilities at T. The true class's bars are orange.
+
+    Drawn in full once; each epoch only the student's bars and title are drawn again over a saved
+    copy of the rest (matplotlib's blitting), which costs milliseconds instead of a whole figure.
+    """
+
+    def __init__(self, image: np.ndarray, label: int, class_names: list[str], teacher_t1: torch.Tensor,
+                 teacher_soft: torch.Tensor, T: float):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        k = min(TOP_CLASSES, teacher_t1.numel())
+        self.classes = teacher_t1.topk(k).indices.tolist()
+        self.T = T
+        names = [class_names[c][:LABEL_CHARS] for c in self.classes]
+        colors = ["tab:orange" if c == label else "tab:blue" for c in self.classes]
+        figure = Figure(figsize=(11, 2.6), dpi=72)
+        figure.subplots_adjust(left=0.01, right=0.99, bottom=0.3, top=0.88, wspace=0.2)
+        self.canvas = FigureCanvasAgg(figure)
+        axes = figure.subplots(1, 4, gridspec_kw={"width_ratios": [0.7, 1, 1, 1]})
+        axes[0].imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+        axes[0].set_title(f"label: {class_names[label][:LABEL_CHARS * 2]}", fontsize=9)
+        axes[0].axis("off")
+        panels = [(teacher_t1, "teacher, T=1"), (teacher_soft, f"teacher soft targets, T={T:g}"),
+                  (torch.zeros_like(teacher_t1), "")]
+        for ax, (probs, title) in zip(axes[1:], panels):
+            self.bars = ax.bar(range(k), probs[self.classes].tolist(), color=colors)
+            ax.set_ylim(0, 1)
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks(range(k), names, rotation=60, fontsize=7, ha="right")
+            ax.tick_params(axis="y", labelsize=7)
+        self.student_axes = axes[3]
+        for artist in (*self.bars, self.student_axes.title):
+            artist.set_animated(True)  # left out of the full drawing, drawn each epoch
+        self.canvas.draw()
+        self.background = self.canvas.copy_from_bbox(figure.bbox)
+
+    def render(self, student_soft: torch.Tensor, epoch: int) -> np.ndarray:
+        """RGB pixels (H, W, 3) with the student's probabilities of this epoch."""
+        self.canvas.restore_region(self.background)
+        for bar, value in zip(self.bars, student_soft[self.classes].tolist()):
+            bar.set_height(value)
+            self.student_axes.draw_artist(bar)
+        self.student_axes.title.set_text(f"student, T={self.T:g} (epoch {epoch})")
+        self.student_axes.draw_artist(self.student_axes.title)
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
+
+
+def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, np.ndarray]:
+    """Per confidence bin: mean confidence, accuracy and sample count.
+
+    Bins as torchmetrics' calibration error cuts them ([b_i, b_i+1), confidence 1.0 in the last), so
+    sum(count * |accuracy - confidence|) / N equals the ECE reported in metrics.json.
+    """
+    probs = logits.float().softmax(1)
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).float()
+    boundaries = torch.linspace(0, 1, n_bins + 1)
+    index = (torch.bucketize(confidence, boundaries, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.zeros(n_bins).index_add_(0, index, torch.ones_like(confidence))
+    conf_sum = torch.zeros(n_bins).index_add_(0, index, confidence)
+    acc_sum = torch.zeros(n_bins).index_add_(0, index, correct)
+    safe = count.clamp_min(1)
+    return {"confidence": (conf_sum / safe).numpy(), "accuracy": (acc_sum / safe).numpy(),
+            "count": count.numpy().astype(int), "edges": boundaries.numpy()}
+
+
+def reliability_figure(models: dict[str, tuple[torch.Tensor, torch.Tensor]], n_bins: int):
+    """One panel per model (name -> (logits, labels)): accuracy per confidence bin against the diagonal."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4 * len(models), 3.6), dpi=72, layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(models)))
+    for ax, (name, (logits, labels)) in zip(axes, models.items()):
+        bins = reliability_bins(logits, labels, n_bins)
+        filled = bins["count"] > 0
+        ece = float((bins["count"] * np.abs(bins["accuracy"] - bins["confidence"])).sum() / bins["count"].sum())
+        width = 1.0 / n_bins
+        left = bins["edges"][:-1][filled]
+        ax.bar(left, bins["accuracy"][filled], width=width, align="edge", color="tab:blue", edgecolor="black",
+               linewidth=0.5, label="accuracy")
+        accuracy, confidence = bins["accuracy"][filled], bins["confidence"][filled]
+        ax.bar(left, abs(confidence - accuracy), bottom=np.minimum(accuracy, confidence), width=width,
+               align="edge", color="none", edgecolor="tab:red", hatch="///", linewidth=0.5,
+               label="gap to mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence", fontsize=9)
+        ax.set_ylabel("accuracy", fontsize=9)
+        ax.set_title(f"{name}: ECE {100 * ece:.2f}%", fontsize=10)
+        ax.legend(loc="upper left", fontsize=7)
+    return figure

@@ -1,0 +1,286 @@
+"""`kdrun-report PATH`: one table for every run under PATH (a sweep dir, or a whole outputs/ tree).
+
+Each run is a directory with `metrics.json` and/or `.hydra/overrides.yaml`. The table shows the swept
+keys (the overrides whose values differ between runs), teacher / baseline / student top-1, gain,
+agreement, ECE, params, latency and status. Completed runs that differ only in `seed` share a row:
+mean +- sample standard deviation over the seeds. The report is printed and written into PATH as
+summary.csv, summary.md and PNG plots (kdrun/report_plots.py). A Hydra callback writes it at the end of
+every multirun (kdrun/report_callback.py).
+
+Only the standard library and PyYAML load here (matplotlib when plotting): the report is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from kdrun.errors import KdrunError
+
+CSV_FILE, MARKDOWN_FILE = "summary.csv", "summary.md"
+_SKIPPED_DIRS = {".hydra", "checkpoints", "tb", "cache"}
+_DIVERGED = re.compile(r"became (nan|inf|-inf)\b", re.IGNORECASE)
+_LOGGED_FAILURE = re.compile(r"(?:job failed|error): (.*)")
+
+
+@dataclass
+class Run:
+    path: Path
+    overrides: dict[str, str]        # key -> value, as typed on the command line
+    metrics: Optional[dict]          # metrics.json, None while the run has not written it
+    status: str                      # completed, failed, diverged, running
+    error: str = ""
+
+
+@dataclass
+class Column:
+    name: str                        # CSV column
+    header: str                      # table header
+    value: Callable[[dict], Optional[float]]
+    unit: str                        # how the table shows it: %, points, M, ms
+
+
+def _model(metrics: dict, role: str) -> dict:
+    return metrics.get(role) or {}
+
+
+COLUMNS = [
+    Column("teacher_top1", "teacher", lambda m: _model(m, "teacher").get("top1"), "%"),
+    Column("baseline_top1", "baseline", lambda m: _model(m, "baseline").get("top1"), "%"),
+    Column("student_best_top1", "student best", lambda m: _model(m, "student").get("best_top1"), "%"),
+    Column("student_last_top1", "student last", lambda m: _model(m, "student").get("last_top1"), "%"),
+    Column("gain", "gain", lambda m: m.get("gain_over_baseline"), "points"),
+    Column("agreement", "agreement", lambda m: _model(m, "student").get("agreement"), "%"),
+    Column("student_ece", "ECE", lambda m: _model(m, "student").get("ece"), "%"),
+    Column("student_params", "params", lambda m: _model(m, "student").get("params"), "M"),
+    Column("student_latency_ms", "latency", lambda m: _model(m, "student").get("latency_ms"), "ms"),
+]
+
+
+@dataclass
+class Row:
+    keys: dict[str, Optional[str]]                 # swept key -> value (no seed when seeds are grouped)
+    runs: list[Run]
+    stats: dict[str, tuple[Optional[float], Optional[float]]] = field(default_factory=dict)  # mean, std
+
+    @property
+    def status(self) -> str:
+        statuses = sorted({run.status for run in self.runs})
+        return statuses[0] if len(statuses) == 1 else ", ".join(statuses)
+
+
+@dataclass
+class Report:
+    root: Path
+    runs: list[Run]
+    swept: list[str]                               # keys that differ between runs, in command-line order
+    grouped_seeds: bool                            # whether rows average over seeds
+    rows: list[Row]
+
+
+# ---- reading runs -------------------------------------------------------------------------------
+
+def find_runs(root: Path) -> list[Run]:
+    """Every run directory under `root` (root itself included), in sweep-job order."""
+    found = []
+    for directory in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
+        if set(directory.relative_to(root).parts) & _SKIPPED_DIRS:
+            continue
+        if (directory / "metrics.json").is_file() or (directory / ".hydra" / "overrides.yaml").is_file():
+            found.append(read_run(directory))
+    return sorted(found, key=lambda run: _job_order(run.path))
+
+
+def _job_order(path: Path) -> tuple:
+    """Hydra names sweep jobs <n>_<overrides>: order 2_... before 10_..."""
+    number = re.match(r"(\d+)_", path.name)
+    return (str(path.parent), int(number.group(1)) if number else -1, path.name)
+
+
+def read_run(path: Path) -> Run:
+    overrides = {}
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    if overrides_file.is_file():
+        for item in yaml.safe_load(overrides_file.read_text()) or []:
+            key, _, value = str(item).partition("=")
+            if not key.startswith("~"):
+                overrides[key.lstrip("+")] = value
+    metrics, error = None, ""
+    if (path / "metrics.json").is_file():
+        try:
+            metrics = json.loads((path / "metrics.json").read_text())
+        except (OSError, ValueError) as exc:
+            return Run(path, overrides, None, "failed", f"unreadable metrics.json: {exc}")
+        error = str(metrics.get("error", ""))
+    status = run_status(metrics, error)
+    if metrics is None:
+        logged = _logged_failure(path / "kdrun.log")
+        if logged is not None:
+            status, error = ("diverged" if _DIVERGED.search(logged) else "failed"), logged
+    return Run(path, overrides, metrics, status, error)
+
+
+def run_status(metrics: Optional[dict], error: str = "") -> str:
+    """completed, failed, diverged (a loss became nan/inf) or running (no metrics.json yet)."""
+    if metrics is None:
+        return "running"
+    status = str(metrics.get("status", "failed"))
+    return "diverged" if status == "failed" and _DIVERGED.search(error) else status
+
+
+def _logged_failure(log_file: Path) -> Optional[str]:
+    """A job that failed before writing metrics.json said why in its log."""
+    if not log_file.is_file():
+        return None
+    for line in reversed(log_file.read_text(errors="replace").splitlines()[-20:]):
+        found = _LOGGED_FAILURE.search(line)
+        if found:
+            return found.group(1)
+    return None
+
+
+# ---- building the table -------------------------------------------------------------------------
+
+def swept_keys(runs: list[Run]) -> list[str]:
+    """Override keys whose value is not the same in every run, in the order they were typed."""
+    order = list(dict.fromkeys(key for run in runs for key in run.overrides))
+    return [key for key in order if len({run.overrides.get(key) for run in runs}) > 1]
+
+
+def build_report(root: Path) -> Report:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise KdrunError(f"{root} does not exist: pass a run or sweep directory, e.g. kdrun-report outputs/multirun")
+    if not root.is_dir():
+        raise KdrunError(f"{root} is not a directory: pass a run or sweep directory")
+    runs = find_runs(root)
+    if not runs:
+        raise KdrunError(f"no kdrun runs under {root} (no metrics.json or .hydra/overrides.yaml): "
+                         "pass the directory of a run or of a sweep")
+    swept = swept_keys(runs)
+    row_keys = [key for key in swept if key != "seed"]
+    groups: dict[tuple, Row] = {}
+    rows: list[Row] = []
+    for run in runs:
+        if run.status == "completed":
+            group_key = tuple(run.overrides.get(key) for key in row_keys)
+            if group_key not in groups:
+                groups[group_key] = Row(dict(zip(row_keys, group_key)), [])
+                rows.append(groups[group_key])
+            groups[group_key].runs.append(run)
+        else:  # unfinished and failed runs keep a row of their own
+            rows.append(Row({key: run.overrides.get(key) for key in row_keys}, [run]))
+    for row in rows:
+        row.stats = {column.name: _mean_std([column.value(run.metrics) for run in row.runs if run.metrics])
+                     for column in COLUMNS}
+    grouped = "seed" in swept and any(len(row.runs) > 1 for row in rows)
+    if "seed" in swept and not grouped:  # nothing to average: the seed is a plain column
+        for row in rows:
+            row.keys = {key: row.runs[0].overrides.get(key) for key in swept}
+    return Report(root, runs, swept, grouped, rows)
+
+
+def row_seeds(row: Row) -> str:
+    return ",".join(run.overrides.get("seed") or "-" for run in row.runs)
+
+
+def _mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not numbers:
+        return None, None
+    return statistics.fmean(numbers), (statistics.stdev(numbers) if len(numbers) > 1 else None)
+
+
+# ---- writing it ---------------------------------------------------------------------------------
+
+def _show(value: Optional[float], std: Optional[float], unit: str) -> str:
+    if value is None:
+        return "-"
+    scale, digits, suffix = {"%": (100, 2, ""), "points": (100, 2, ""), "M": (1e-6, 2, "M"), "ms": (1, 2, "ms")}[unit]
+    sign = "+" if unit == "points" else ""
+    text = f"{value * scale:{sign}.{digits}f}"
+    return f"{text}+-{std * scale:.{digits}f}{suffix}" if std is not None else f"{text}{suffix}"
+
+
+def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
+    key_names = list(report.rows[0].keys) if report.rows else []
+    headers = key_names + (["seeds"] if report.grouped_seeds else [])
+    headers += [f"{c.header} ({c.unit})" if c.unit in ("%", "points") else c.header for c in COLUMNS] + ["status"]
+    cells = []
+    for row in report.rows:
+        line = [row.keys[key] if row.keys[key] is not None else "-" for key in key_names]
+        line += [row_seeds(row)] if report.grouped_seeds else []
+        line += [_show(*row.stats[c.name], c.unit) for c in COLUMNS] + [row.status]
+        cells.append(line)
+    return headers, cells
+
+
+def format_table(report: Report) -> str:
+    headers, cells = table_cells(report)
+    widths = [max(len(text) for text in column) for column in zip(headers, *cells)]
+    lines = ["  ".join(text.rjust(width) for text, width in zip(line, widths)) for line in [headers, *cells]]
+    swept = ", ".join(report.swept) or "nothing"
+    intro = f"{len(report.runs)} run(s) in {report.root} (swept: {swept})"
+    return "\n".join([intro, *lines])
+
+
+def write_markdown(report: Report, path: Path) -> None:
+    headers, cells = table_cells(report)
+    lines = [f"# kdrun report: {report.root}", "", f"Swept: {', '.join(report.swept) or 'nothing'}. "
+             "Accuracies in %, on the test split; `+-` is the standard deviation over seeds.", "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(line) + " |" for line in cells]
+    failures = [f"- `{run.path.relative_to(report.root)}`: {run.status}: {run.error}" for run in report.runs
+                if run.status in ("failed", "diverged")]
+    if failures:
+        lines += ["", "Failed runs:", *failures]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_csv(report: Report, path: Path) -> None:
+    """Plain numbers (accuracies as fractions, as in metrics.json); `<name>_std` over grouped seeds."""
+    key_names = list(report.rows[0].keys) if report.rows else []
+    header = key_names + ["runs", "seeds"] + [name for c in COLUMNS for name in (c.name, f"{c.name}_std")] + ["status", "paths"]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for row in report.rows:
+            stats = [("" if v is None else repr(v)) for c in COLUMNS for v in row.stats[c.name]]
+            paths = ";".join(str(run.path.relative_to(report.root)) for run in row.runs)
+            writer.writerow([row.keys[k] or "" for k in key_names] + [len(row.runs), row_seeds(row)] + stats + [row.status, paths])
+
+
+def write_report(root: Path) -> str:
+    """Build the report of `root`, write summary.csv, summary.md and plots into it; return the table."""
+    from kdrun.report_plots import accuracy_plots
+
+    report = build_report(Path(root))
+    write_csv(report, report.root / CSV_FILE)
+    write_markdown(report, report.root / MARKDOWN_FILE)
+    plots = accuracy_plots(report, report.root)
+    written = ", ".join([CSV_FILE, MARKDOWN_FILE, *(p.name for p in plots)])
+    return f"{format_table(report)}\nwrote {written} in {report.root}"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="kdrun-report", description="Summarise every kdrun run under PATH: "
+                                     "print a table, write summary.csv, summary.md and PNG plots into PATH.")
+    parser.add_argument("path", help="a run directory, a sweep directory or a tree of them (e.g. outputs)")
+    args = parser.parse_args(argv)
+    try:
+        print(write_report(Path(args.path)))
+    except KdrunError as error:
+        print(f"kdrun-report: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

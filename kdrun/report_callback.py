@@ -1,0 +1,26 @@
+"""Hydra callback (conf/config.yaml: hydra.callbacks.report): the sweep report when a multirun ends.
+
+Hydra instantiates callbacks for every run, single or multi, so this module stays light; the report
+itself (and matplotlib) loads only at the end of a multirun.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("kdrun")
+
+
+class SweepReport(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from kdrun.report import write_report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            print(write_report(sweep_dir), flush=True)
+        except Exception as error:  # the jobs' results are already on disk; a report problem must not hide them
+            log.warning("no sweep report in %s: %s (run kdrun-report %s)", sweep_dir, error, sweep_dir)

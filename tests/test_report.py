@@ -1,0 +1,149 @@
+"""kdrun-report on hand-made run directories: swept keys, seed groups (mean +- std), statuses, files."""
+import csv
+import json
+import statistics
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kdrun.report import build_report, format_table, main, row_seeds, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def metrics(last, best=None, teacher=0.9, baseline=0.7, agreement=0.8, ece=0.05, params=78_000, latency=1.5,
+            T=4.0, alpha=0.9):
+    return {"status": "completed", "method": "kd", "T": T, "alpha": alpha,
+            "teacher": {"top1": teacher}, "baseline": {"top1": baseline} if baseline is not None else None,
+            "student": {"top1": last, "last_top1": last, "best_top1": best if best is not None else last,
+                        "agreement": agreement, "ece": ece, "params": params, "latency_ms": latency},
+            "gain_over_baseline": last - baseline if baseline is not None else None}
+
+
+def make_run(root: Path, name: str, overrides: list[str], result=None, log: str = "") -> Path:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (run / "checkpoints").mkdir()
+    if result is not None:
+        (run / "metrics.json").write_text(json.dumps(result))
+    if log:
+        (run / "kdrun.log").write_text(log)
+    return run
+
+
+def assert_png(path: Path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 300 and image.height >= 200
+
+
+@pytest.fixture
+def seed_sweep(tmp_path):
+    root = tmp_path / "sweep"
+    common = ["dataset=synthetic", "epochs=2"]
+    make_run(root, "0_T=1,seed=0", [*common, "T=1", "seed=0"], metrics(0.50, best=0.55, T=1.0))
+    make_run(root, "1_T=1,seed=1", [*common, "T=1", "seed=1"], metrics(0.60, best=0.65, T=1.0, latency=2.5))
+    make_run(root, "2_T=4,seed=0", [*common, "T=4", "seed=0"], metrics(0.70))
+    make_run(root, "3_T=4,seed=1", [*common, "T=4", "seed=1"], metrics(0.80))
+    make_run(root, "4_T=8,seed=0", [*common, "T=8", "seed=0"],
+             {"status": "failed", "error": "student: loss_kd became nan at step 7; lower lr (now 0.05)"})
+    make_run(root, "5_T=8,seed=1", [*common, "T=8", "seed=1"],
+             log="[12:00:00] dataset ...\n[12:00:01] job failed: batch_size=999 is larger than the training set\n")
+    make_run(root, "10_T=2,seed=0", [*common, "T=2", "seed=0"])
+    return root
+
+
+def test_runs_that_differ_only_in_seed_share_a_row(seed_sweep):
+    report = build_report(seed_sweep)
+    assert report.swept == ["T", "seed"] and report.grouped_seeds
+    assert [(row.keys, len(row.runs), row.status) for row in report.rows] == [
+        ({"T": "1"}, 2, "completed"), ({"T": "4"}, 2, "completed"),
+        ({"T": "8"}, 1, "diverged"), ({"T": "8"}, 1, "failed"), ({"T": "2"}, 1, "running")]
+    assert [row_seeds(row) for row in report.rows] == ["0,1", "0,1", "0", "1", "0"]
+    t1 = report.rows[0].stats
+    assert t1["student_last_top1"] == pytest.approx((0.55, statistics.stdev([0.5, 0.6])))
+    assert t1["student_best_top1"] == pytest.approx((0.60, statistics.stdev([0.55, 0.65])))
+    assert t1["gain"] == pytest.approx((-0.15, statistics.stdev([-0.2, -0.1])))
+    assert t1["student_latency_ms"] == pytest.approx((2.0, statistics.stdev([1.5, 2.5])))
+    assert t1["teacher_top1"] == (pytest.approx(0.9), pytest.approx(0.0))
+    assert report.rows[3].runs[0].error == "batch_size=999 is larger than the training set"
+    assert report.rows[4].stats["student_last_top1"] == (None, None)
+
+
+def test_table_csv_markdown_and_plot_of_a_seed_sweep(seed_sweep):
+    text = write_report(seed_sweep)
+    lines = text.splitlines()
+    assert lines[0] == f"7 run(s) in {seed_sweep} (swept: T, seed)"
+    header = lines[1].split()
+    assert header[:2] == ["T", "seeds"] and header[-1] == "status"
+    t1_row = lines[2].split()
+    assert t1_row[:2] == ["1", "0,1"] and "55.00+-7.07" in t1_row and "60.00+-7.07" in t1_row
+    assert "-15.00+-7.07" in t1_row and "0.08+-0.00M" in t1_row and t1_row[-1] == "completed"
+    assert lines[4].split()[:2] == ["8", "0"] and lines[5].split()[:2] == ["8", "1"] and lines[4].split()[-1] == "diverged"
+    assert lines[-1].startswith("wrote summary.csv, summary.md, student_top1_vs_T.png")
+
+    rows = list(csv.DictReader((seed_sweep / "summary.csv").open()))
+    assert [row["T"] for row in rows] == ["1", "4", "8", "8", "2"]
+    assert [row["status"] for row in rows] == ["completed", "completed", "diverged", "failed", "running"]
+    assert float(rows[1]["student_last_top1"]) == pytest.approx(0.75)
+    assert float(rows[1]["student_last_top1_std"]) == pytest.approx(statistics.stdev([0.7, 0.8]))
+    assert rows[0]["runs"] == "2" and rows[0]["seeds"] == "0,1" and rows[0]["paths"] == "0_T=1,seed=0;1_T=1,seed=1"
+    assert rows[4]["student_last_top1"] == ""
+
+    markdown = (seed_sweep / "summary.md").read_text()
+    assert "| T | seeds | teacher (%) |" in markdown and "| 1 | 0,1 | 90.00+-0.00 |" in markdown
+    assert "- `4_T=8,seed=0`: diverged: student: loss_kd became nan" in markdown
+    assert_png(seed_sweep / "student_top1_vs_T.png")
+
+
+def test_lines_per_method_against_alpha_and_bars_for_a_method_only_sweep(tmp_path):
+    root = tmp_path / "a"
+    for i, (distill, alpha) in enumerate([("kd", "0.5"), ("kd", "0.9"), ("dkd", "0.5"), ("dkd", "0.9")]):
+        make_run(root, f"{i}_x", [f"distill={distill}", f"alpha={alpha}"], metrics(0.5 + 0.1 * i, alpha=float(alpha)))
+    report = build_report(root)
+    assert report.swept == ["distill", "alpha"] and not report.grouped_seeds
+    assert [row.stats["student_last_top1"][0] for row in report.rows] == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    assert "wrote summary.csv, summary.md, student_top1_vs_alpha.png" in write_report(root)
+    assert_png(root / "student_top1_vs_alpha.png")
+
+    root = tmp_path / "b"
+    make_run(root, "0_distill=kd", ["distill=kd"], metrics(0.6))
+    make_run(root, "1_distill=dkd", ["distill=dkd"], metrics(0.7, baseline=None))
+    assert "student_top1.png" in write_report(root)
+    assert_png(root / "student_top1.png")
+    rows = list(csv.DictReader((root / "summary.csv").open()))
+    assert rows[1]["baseline_top1"] == "" and rows[1]["gain"] == ""
+
+
+def test_a_single_run_directory_is_a_one_row_report(tmp_path):
+    run = make_run(tmp_path, "run", ["T=3"], metrics(0.61))
+    report = build_report(run)
+    assert report.swept == [] and len(report.rows) == 1
+    table = format_table(report)
+    assert "61.00" in table.splitlines()[2] and "(swept: nothing)" in table
+
+
+@pytest.mark.parametrize("make_path, message", [
+    (lambda tmp: tmp / "missing", "does not exist"),
+    (lambda tmp: tmp, "no kdrun runs under"),
+    (lambda tmp: (tmp / "file.txt", (tmp / "file.txt").write_text("x"))[0], "is not a directory"),
+])
+def test_a_bad_path_is_a_one_line_error(tmp_path, capsys, make_path, message):
+    path = make_path(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdrun-report: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "summary.csv").exists()
+
+
+def test_console_script_is_declared():
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["kdrun-report"] == "kdrun.report:main"
+    assert any(dep.startswith("matplotlib") for dep in pyproject["project"]["dependencies"])
+    assert "kdrun.report" in sys.modules

@@ -1,0 +1,115 @@
+"""A real 4-job sweep on synthetic data: the report its callback writes, kdrun-report on it, and what
+each job left in TensorBoard (HParams, final scalars, soft-target figures, layout). One sweep for all."""
+import csv
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+from conftest import TINY, read_metrics, run_kdrun
+
+pytestmark = pytest.mark.slow
+JOBS = {"0_T=1,alpha=0.5": (1.0, 0.5), "1_T=1,alpha=0.9": (1.0, 0.9), "2_T=4,alpha=0.5": (4.0, 0.5),
+        "3_T=4,alpha=0.9": (4.0, 0.9)}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("sweep_report")
+    proc = run_kdrun(["-m", *TINY, "T=1,4", "alpha=0.5,0.9", "hydra.sweep.dir=sweep"], cwd, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "sweep", proc
+
+
+def events_of(run_dir):
+    return EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
+
+
+def test_the_multirun_callback_wrote_the_report_into_the_sweep_dir(sweep):
+    sweep_dir, proc = sweep
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(JOBS)
+    for name in ("summary.csv", "summary.md", "student_top1_vs_T.png", "student_top1_vs_alpha.png"):
+        assert (sweep_dir / name).is_file(), name
+    assert f"4 run(s) in sweep (swept: T, alpha)" in proc.stdout
+    for name in ("student_top1_vs_T.png", "student_top1_vs_alpha.png"):
+        path = sweep_dir / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == (600, 400)
+
+
+def test_summary_csv_has_one_row_per_job_with_its_metrics(sweep):
+    sweep_dir, _ = sweep
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert [row["paths"] for row in rows] == list(JOBS)
+    for row in rows:
+        metrics = read_metrics(sweep_dir / row["paths"])
+        assert (float(row["T"]), float(row["alpha"])) == JOBS[row["paths"]] == (metrics["T"], metrics["alpha"])
+        student = metrics["student"]
+        expected = {"teacher_top1": metrics["teacher"]["top1"], "baseline_top1": metrics["baseline"]["top1"],
+                    "student_best_top1": student["best_top1"], "student_last_top1": student["last_top1"],
+                    "gain": metrics["gain_over_baseline"], "agreement": student["agreement"],
+                    "student_ece": student["ece"], "student_params": student["params"],
+                    "student_latency_ms": student["latency_ms"]}
+        assert {key: float(row[key]) for key in expected} == pytest.approx(expected, rel=1e-12)
+        assert row["status"] == "completed" and row["runs"] == "1"
+
+
+def test_kdrun_report_prints_the_same_table(sweep):
+    sweep_dir, _ = sweep
+    proc = subprocess.run([sys.executable, "-m", "kdrun.report", str(sweep_dir)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split()[:2] == ["T", "alpha"] and len(lines) == 2 + 4 + 1
+    for line, job in zip(lines[2:6], JOBS):
+        metrics = read_metrics(sweep_dir / job)
+        cells = line.split()
+        assert [float(c) for c in cells[:2]] == list(JOBS[job])
+        assert cells[2] == f"{100 * metrics['teacher']['top1']:.2f}"
+        assert cells[5] == f"{100 * metrics['student']['last_top1']:.2f}"
+        assert cells[6] == f"{100 * metrics['gain_over_baseline']:+.2f}"
+        assert cells[-1] == "completed"
+
+
+def test_each_job_holds_its_hparams_and_final_metrics_and_no_extra_runs(sweep):
+    sweep_dir, _ = sweep
+    event_dirs = {path.parent for path in sweep_dir.rglob("events.out.tfevents.*")}
+    assert event_dirs == {sweep_dir / job for job in JOBS}  # one TensorBoard run per job, nothing else
+    for job, (T, alpha) in JOBS.items():
+        events = events_of(sweep_dir / job)
+        content = events.PluginTagToContent("hparams")
+        start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+        values = {k: (v.string_value if v.HasField("string_value") else v.number_value)
+                  for k, v in start.hparams.items()}
+        assert values["T"] == T and values["alpha"] == pytest.approx(alpha)
+        assert {k: values[k] for k in ("teacher", "student", "dataset", "method", "epochs", "lr", "batch_size",
+                                       "seed", "dataset.image_size")} == {
+            "teacher": "cifar:resnet14", "student": "cifar:resnet8", "dataset": "synthetic", "method": "kd",
+            "epochs": 4, "lr": pytest.approx(0.05), "batch_size": 32, "seed": 0, "dataset.image_size": 16}
+        metrics = read_metrics(sweep_dir / job)
+        (top1,) = events.Scalars("final/student/top1")
+        assert top1.value == pytest.approx(metrics["student"]["top1"])
+        (agreement,) = events.Scalars("final/student/agreement")
+        assert agreement.value == pytest.approx(metrics["student"]["agreement"])
+        (speedup,) = events.Scalars("final/speedup")
+        assert speedup.value == pytest.approx(metrics["speedup"])
+        (baseline,) = events.Scalars("final/baseline/ece")
+        assert baseline.value == pytest.approx(metrics["baseline"]["ece"])
+
+
+def test_each_job_has_soft_target_figures_reliability_and_layout(sweep):
+    from tensorboard.plugins.custom_scalar import metadata as custom_metadata
+
+    sweep_dir, _ = sweep
+    events = events_of(sweep_dir / "2_T=4,alpha=0.5")
+    images = events.Tags()["images"]
+    assert sorted(images) == ["calibration/reliability", *(f"soft_targets/image_{i}" for i in range(4))]
+    assert [image.step for image in events.Images("soft_targets/image_0")] == [1, 2, 3, 4]
+    assert [image.step for image in events.Images("calibration/reliability")] == [4]
+    assert custom_metadata.CONFIG_SUMMARY_TAG in events.Tags()["tensors"]
