@@ -24,12 +24,15 @@ from kdrun.errors import KdrunError
 from kdrun.paths import conf_dir
 from kdrun.resume import find_resumable_run
 from kdrun.run_files import METRICS_FILE, has_work, write_json_atomic
+from kdrun.sweep_callback import failed_jobs
+from kdrun.sweep_jobs import completed_metrics, objective, record_failure
+from kdrun.sweep_names import remember_swept_keys
 
 log = logging.getLogger("kdrun")
 register_configs()
 
-# Jobs of a multirun that failed; the sweep goes on and main() reports them at the end.
-_failed_jobs: list[str] = []
+# Jobs of a multirun that fail write metrics.json `failed`; the sweep goes on and main() reports them
+# at the end (failed_jobs(), from the files: jobs may run in other processes).
 # The directory Hydra made for the current single run, to remove it if the run fails before any work.
 _current_run_dir: list[Path] = []
 # The error that ended a single run. Raising it through Hydra would add Hydra's own lines to stderr.
@@ -51,11 +54,16 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
         else:
             log.info("resume=true: continuing the interrupted run in %s", previous)
             run_dir = previous
+    overrides = list(hydra_cfg.overrides.task)
     try:
         validate(cfg)
+        done = completed_metrics(run_dir, overrides) if multirun else None
+        if done is not None:
+            log.info("%s: completed earlier with these overrides (metrics.json); skipping it", run_dir.name)
+            return objective(done)
         from kdrun.runner import run_experiment  # heavy: torch, timm, torchvision
 
-        return run_experiment(cfg, run_dir)["student"]["top1"]
+        return objective(run_experiment(cfg, run_dir, overrides))
     except KdrunError as error:
         if has_work(run_dir):
             write_json_atomic({"status": "failed", "error": str(error)}, run_dir / METRICS_FILE)
@@ -63,9 +71,13 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
             _log_to_file_only(f"error: {error}")  # main() prints it once on stderr
             _run_error.append(error)
             return None
-        # In a sweep one bad job must not stop the others.
-        log.error("job failed: %s", error)
-        _failed_jobs.append(f"{run_dir.name}: {error}")
+        # In a sweep one bad job must not stop the others; no objective: Optuna marks the trial failed.
+        log.error("job failed: %s", record_failure(run_dir, error))
+        return None
+    except Exception as error:
+        if not multirun:
+            raise
+        log.exception("job failed: %s", record_failure(run_dir, error))  # with its traceback
         return None
 
 
@@ -104,6 +116,7 @@ def main() -> None:
         return
     try:
         sys.argv[1:] = preflight(sys.argv[1:])
+        remember_swept_keys(sys.argv[1:])
         hydra_entry()
         if _run_error:
             raise _run_error[0]
@@ -117,14 +130,23 @@ def main() -> None:
         print("kdrun: interrupted; continue later with resume=true (or rerun into the same directory)",
               file=sys.stderr)
         sys.exit(130)
-    except Exception as error:  # Hydra's composition and override errors
-        if show_traceback or not _is_config_error(error):
+    except Exception as error:  # Hydra's composition and override errors; a sweeper stopped by failed jobs
+        failed = failed_jobs()  # e.g. Optuna has no best trial to report when every trial failed
+        if show_traceback or not (failed or _is_config_error(error)):
             raise
+        if failed:
+            print(f"kdrun: error: {_failed_summary(failed)}; the sweep stopped: {_one_line(error)}", file=sys.stderr)
+            sys.exit(1)
         print(f"kdrun: error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
-    if _failed_jobs:
-        print(f"kdrun: error: {len(_failed_jobs)} sweep job(s) failed: " + "; ".join(_failed_jobs), file=sys.stderr)
+    failed = failed_jobs()
+    if failed:
+        print(f"kdrun: error: {_failed_summary(failed)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _failed_summary(failed: list[str]) -> str:
+    return f"{len(failed)} sweep job(s) failed: " + "; ".join(failed)
 
 
 def _is_config_error(error: Exception) -> bool:
