@@ -21,7 +21,7 @@ TOP_LEVEL = [
     ("seed", "default 0"),
     ("device", "auto (cuda if present, else cpu), cpu, cuda, cuda:N, mps"),
     ("baseline", "also train the student on hard labels alone (default true)"),
-    ("resume", "continue the newest interrupted run with the same overrides (default false)"),
+    ("resume", "continue the newest interrupted run (with -m: sweep) with the same overrides (default false)"),
     ("teacher.checkpoint", "load the teacher from a kdrun checkpoint or a state dict"),
     ("teacher.pretrained", "start the teacher from timm's pretrained weights (needs the hub)"),
 ]
@@ -31,6 +31,9 @@ EXAMPLES = [
     "kdrun student=convnext_atto dataset=digits epochs=5",
     "kdrun teacher.checkpoint=teacher.pt baseline=false",
     "kdrun -m T=1,2,4,8 alpha=0.5,0.9",
+    "kdrun -m T=1,2,4,8 hydra/launcher=joblib hydra.launcher.n_jobs=4   # parallel (kdrun[joblib])",
+    "kdrun -m T=1,2,4,8 hydra/launcher=kdrun_slurm                      # SLURM (kdrun[slurm])",
+    "kdrun -m hparams_search=kd_optuna hydra.sweeper.n_trials=30        # Optuna (kdrun[optuna])",
     "kdrun dataset=imagefolder dataset.root=/data/imagenette teacher=resnet50 student=resnet18",
 ]
 

@@ -3,6 +3,7 @@
 With the joblib or submitit launcher, jobs run in other processes: what they record in memory never
 reaches the `kdrun` process. Their metrics.json files do: the callback notes the sweep directory and
 the time the multirun started, and `failed_jobs()` lists this sweep's jobs whose status is `failed`.
+It also records the sweep's overrides in the sweep directory, where `resume=true` finds them.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from kdrun.run_files import METRICS_FILE
+from kdrun.run_files import METRICS_FILE, write_json_atomic
+
+SWEEP_FILE = ".kdrun_sweep.json"  # in the sweep directory: the sweep's own command-line overrides
 
 _started: dict[str, Any] = {"sweep_dir": None, "time": 0.0}
 
@@ -45,3 +48,10 @@ class CollectFailedJobs(Callback):
         # Resolved once, here: ${now:...} then reads the same time for the launcher and for us.
         _started["sweep_dir"] = str(config.hydra.sweep.dir)
         _started["time"] = time.time() - 1.0  # file times are coarser than time.time()
+        # What resume=true looks for (Hydra's multirun.yaml is written by the basic sweeper only).
+        record_sweep(Path(_started["sweep_dir"]), [str(o) for o in config.hydra.overrides.task])
+
+
+def record_sweep(sweep_dir: Path, overrides: list[str]) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"overrides": overrides}, sweep_dir / SWEEP_FILE)

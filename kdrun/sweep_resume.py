@@ -6,6 +6,7 @@ is skipped (kdrun/sweep_jobs.py) and the others run again, continuing from their
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 
 from kdrun.paths import conf_dir
 from kdrun.resume import _comparable
+from kdrun.sweep_callback import SWEEP_FILE
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 TRUE_VALUES = ("true", "yes", "on", "1")
@@ -44,16 +46,16 @@ def default_sweep_root() -> Path:
 
 
 def find_sweep_to_resume(root: Path, overrides: list[str]) -> Optional[Path]:
-    """The newest sweep under `root` whose recorded task overrides equal `overrides` (resume/progress aside)."""
+    """The newest sweep under `root` whose recorded overrides equal `overrides` (resume/progress aside)."""
     wanted = _comparable(overrides)
-    saved = sorted(root.glob("**/multirun.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for multirun_yaml in saved:
+    saved = sorted(root.glob(f"**/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for record in saved:
         try:
-            recorded = list(OmegaConf.load(multirun_yaml).hydra.overrides.task)
-        except Exception:  # a file being written, or not Hydra's: not a sweep to continue
+            recorded = json.loads(record.read_text())["overrides"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
         if _comparable([str(o) for o in recorded]) == wanted:
-            return multirun_yaml.parent
+            return record.parent
     return None
 
 

@@ -66,22 +66,31 @@ def test_submitit_local_sweep(kdrun, tmp_path):
     assert list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))
 
 
-def test_optuna_search_maximises_the_students_best_top1(kdrun, tmp_path):
+def test_optuna_search_maximises_the_students_best_top1_and_reruns_skip_its_trials(kdrun, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    proc = kdrun("-m", *FAST, "hparams_search=kd_optuna", "hydra.sweeper.n_trials=2", "hydra.sweep.dir=sweep")
+    args = ["-m", *FAST, "hparams_search=kd_optuna", "hydra.sweeper.n_trials=2"]
+    proc = kdrun(*args)
     assert proc.returncode == 0, proc.stderr
-    jobs = _jobs(tmp_path / "sweep")
+    sweep = next((tmp_path / "outputs" / "multirun").glob("*/*"))
+    jobs = _jobs(sweep)
     assert len(jobs) == 2 and all(job.name.split("_", 1)[1].startswith("T=") and ",alpha=" in job.name
                                   for job in jobs)
     metrics = [read_metrics(job) for job in jobs]
     assert all(m["status"] == "completed" for m in metrics)
     assert all(1.0 <= m["T"] <= 10.0 and 0.0 <= m["alpha"] <= 1.0 for m in metrics)
     assert len({(m["T"], m["alpha"]) for m in metrics}) == 2
-    result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     best = max(m["student"]["best_top1"] for m in metrics)
     assert result["best_value"] == best
     assert any((m["T"], m["alpha"]) == (result["best_params"]["T"], result["best_params"]["alpha"])
                for m in metrics if m["student"]["best_top1"] == best)
+
+    # The seeded sampler asks for the same trials again: both are skipped, with the same result.
+    again = kdrun(*args, "resume=true")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("completed earlier with these overrides") == 2 and "student epoch" not in again.stderr
+    assert _jobs(sweep) == jobs
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text()) == result
 
 
 def test_optuna_study_goes_on_after_failed_trials(kdrun, tmp_path):

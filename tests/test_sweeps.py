@@ -158,9 +158,10 @@ def test_failed_jobs_of_this_sweep_only(tmp_path):
 # --- resume=true for a sweep --------------------------------------------------------------------------
 
 def _sweep(root, name, task, age):
-    path = root / name / "multirun.yaml"
-    path.parent.mkdir(parents=True)
-    path.write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}, "T": 4}))
+    from kdrun.sweep_callback import SWEEP_FILE, record_sweep
+
+    record_sweep(root / name, task)
+    path = root / name / SWEEP_FILE
     stamp = time.time() - age
     os.utime(path, (stamp, stamp))
     return path.parent
