@@ -9,8 +9,10 @@ import difflib
 
 from kdrun.errors import KdrunError
 from kdrun.paths import group_options
+from kdrun.plugins import check_plugins
+from kdrun.sweep_resume import resume_sweep_args
 
-CHECKED_GROUPS = ("teacher", "student", "dataset", "distill", "optim", "sched", "experiment")
+CHECKED_GROUPS = ("teacher", "student", "dataset", "distill", "optim", "sched", "experiment", "hparams_search")
 MODEL_GROUPS = ("teacher", "student")
 # With these, users add config dirs of their own, whose options kdrun cannot list here.
 CUSTOM_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")
@@ -32,9 +34,10 @@ def preflight(args: list[str]) -> list[str]:
     for arg in args:
         _check_flag(arg)
     args = _flags_first(args)
-    if any(arg.startswith(CUSTOM_CONFIG_FLAGS) for arg in args):
-        return args
-    return [_check_group_override(arg) for arg in args]
+    check_plugins(args)  # a launcher or sweeper from a pip extra that is not installed
+    if not any(arg.startswith(CUSTOM_CONFIG_FLAGS) for arg in args):
+        args = [_check_group_override(arg) for arg in args]
+    return resume_sweep_args(args)
 
 
 def _check_flag(arg: str) -> None:

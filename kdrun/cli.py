@@ -25,12 +25,15 @@ from kdrun.failures import as_user_error, exit_code, one_line, record_failure, s
 from kdrun.paths import conf_dir
 from kdrun.resume import find_resumable_run
 from kdrun.run_files import has_checkpoint, has_work
+from kdrun.sweep_callback import failed_jobs
+from kdrun.sweep_jobs import completed_metrics, objective
+from kdrun.sweep_names import remember_swept_keys
 
 log = logging.getLogger("kdrun")
 register_configs()
 
-# Jobs of a multirun that failed or diverged; the sweep goes on and main() reports them at the end.
-_failed_jobs: list[str] = []
+# Jobs of a multirun that fail write metrics.json `failed` (or `diverged`); the sweep goes on and main() reports them
+# at the end (failed_jobs(), from the files: jobs may run in other processes).
 # The directory Hydra made for the current single run, to remove it if the run fails before any work.
 _current_run_dir: list[Path] = []
 # The error that ended a single run. Raising it through Hydra would add Hydra's own lines to stderr.
@@ -52,23 +55,32 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
         else:
             log.info("resume=true: continuing the interrupted run in %s", previous)
             run_dir = previous
+    overrides = list(hydra_cfg.overrides.task)
     try:
         validate(cfg)
+        done = completed_metrics(run_dir, overrides) if multirun else None
+        if done is not None:
+            log.info("%s: completed earlier with these overrides (metrics.json); skipping it", run_dir.name)
+            return objective(done)
         from kdrun.runner import run_experiment  # heavy: torch, timm, torchvision
 
-        return run_experiment(cfg, run_dir)["student"]["top1"]
-    except (KdrunError, OSError) as raised:
+        return objective(run_experiment(cfg, run_dir, overrides))
+    except Exception as raised:
         error = as_user_error(raised)
-        if error is None:
-            raise
-        record_failure(error, run_dir)  # metrics.json: status failed or diverged
+        if error is None:  # a bug, not bad input
+            if not multirun:
+                raise
+            log.exception("job failed")  # its traceback goes to the job's log
+            error = KdrunError(f"{type(raised).__name__}: {raised}")
+        # metrics.json says failed or diverged; in a sweep always, so that the report and failed_jobs()
+        # see jobs that ran in other processes.
+        record_failure(error, run_dir, always=multirun)
         if not multirun:
             _log_to_file_only(f"error: {one_line(error)}")  # main() prints it once on stderr
             _run_error.append(error)
             return None
-        # In a sweep one bad job must not stop the others.
+        # In a sweep one bad job must not stop the others; no objective: Optuna marks the trial failed.
         log.error("job %s: %s", status_of(error), one_line(error))
-        _failed_jobs.append(f"{run_dir.name} {status_of(error)}: {one_line(error)}")
         return None
 
 
@@ -107,6 +119,7 @@ def main() -> None:
         return
     try:
         sys.argv[1:] = preflight(sys.argv[1:])
+        remember_swept_keys(sys.argv[1:])
         hydra_entry()
         if _run_error:
             raise _run_error[0]
@@ -121,15 +134,23 @@ def main() -> None:
         print("kdrun: interrupted; continue later with resume=true (or rerun into the same directory)",
               file=sys.stderr)
         sys.exit(130)
-    except Exception as error:  # Hydra's composition and override errors
-        if show_traceback or not _is_config_error(error):
+    except Exception as error:  # Hydra's composition and override errors; a sweeper stopped by failed jobs
+        failed = failed_jobs()  # e.g. Optuna has no best trial to report when every trial failed
+        if show_traceback or not (failed or _is_config_error(error)):
             raise
+        if failed:
+            print(f"kdrun: error: {_failed_summary(failed)}; the sweep stopped: {_one_line(error)}", file=sys.stderr)
+            sys.exit(1)
         print(f"kdrun: error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
-    if _failed_jobs:
-        print(f"kdrun: error: {len(_failed_jobs)} sweep job(s) did not complete: " + "; ".join(_failed_jobs),
-              file=sys.stderr)
+    failed = failed_jobs()
+    if failed:
+        print(f"kdrun: error: {_failed_summary(failed)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _failed_summary(failed: list[str]) -> str:
+    return f"{len(failed)} sweep job(s) did not complete: " + "; ".join(failed)
 
 
 def _is_config_error(error: Exception) -> bool:

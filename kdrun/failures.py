@@ -55,10 +55,11 @@ def one_line(error: KdrunError) -> str:
     return last[len(WORKER_PREFIX):] if last.startswith(WORKER_PREFIX) else " ".join(lines)
 
 
-def record_failure(error: KdrunError, run_dir: Path) -> None:
-    """metrics.json with the status, when the run did some work (or diverged: where is worth keeping)."""
+def record_failure(error: KdrunError, run_dir: Path, always: bool = False) -> None:
+    """metrics.json with the status, when the run did some work (or diverged: where is worth keeping),
+    or `always` (a sweep job: the sweep's report lists it)."""
     diverged = isinstance(error, DivergedError)
-    if not (diverged or has_work(run_dir)):
+    if not (always or diverged or has_work(run_dir)):
         return  # nothing to keep: the CLI removes the directory
     record = {"status": status_of(error), "error": one_line(error)}
     if diverged:

@@ -24,7 +24,7 @@ TOP_LEVEL = [
     ("seed", "default 0"),
     ("device", "auto (cuda if present, else cpu), cpu, cuda, cuda:N, mps"),
     ("baseline", "also train the student on hard labels alone (default true)"),
-    ("resume", "continue the newest interrupted run with the same overrides (default false)"),
+    ("resume", "continue the newest interrupted run (with -m: sweep) with the same overrides (default false)"),
     ("cache_dir", "where reusable teacher and baseline stages live (default outputs/cache)"),
     ("progress", "auto (bars on a terminal, log lines otherwise), true or false"),
     ("tb_figures", "TensorBoard soft-target figures of N test images per epoch; 0: none (default 4)"),
@@ -37,6 +37,9 @@ EXAMPLES = [
     "kdrun student=convnext_atto dataset=digits epochs=5",
     "kdrun teacher.checkpoint=teacher.pt baseline=false",
     "kdrun -m T=1,2,4,8 alpha=0.5,0.9",
+    "kdrun -m T=1,2,4,8 hydra/launcher=joblib hydra.launcher.n_jobs=4   # parallel (kdrun[joblib])",
+    "kdrun -m T=1,2,4,8 hydra/launcher=kdrun_slurm                      # SLURM (kdrun[slurm])",
+    "kdrun -m hparams_search=kd_optuna hydra.sweeper.n_trials=30        # Optuna (kdrun[optuna])",
     "kdrun dataset=imagefolder dataset.root=/data/imagenette teacher=resnet50 student=resnet18",
 ]
 

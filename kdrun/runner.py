@@ -5,6 +5,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -44,8 +45,11 @@ def show_progress(setting) -> bool:
     return sys.stderr.isatty() if setting == "auto" else setting == "true"
 
 
-def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run every stage of the experiment described by `cfg`, writing into `run_dir`."""
+def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]] = None) -> dict:
+    """Run every stage of the experiment described by `cfg`, writing into `run_dir`.
+
+    `overrides`: the command-line overrides that made `cfg`, kept in metrics.json (a re-run sweep compares them).
+    """
     started = time.perf_counter()
     validate(cfg)  # again: callers other than the CLI land here directly
     seed_everything(cfg.seed)
@@ -94,6 +98,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path) -> dict:
         "alpha": cfg.alpha,
         "seed": cfg.seed,
         "device": str(device),
+        "overrides": list(overrides or []),
         "teacher": teacher_metrics,
         "baseline": baseline_metrics,
         "student": student_metrics,

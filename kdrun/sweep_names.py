@@ -1,11 +1,13 @@
 """Sweep job directories named after what the sweep varies: `3_T=4,alpha=0.9`, not every override."""
 from __future__ import annotations
 
+import os
 import re
 import sys
-from typing import Iterable
+from typing import Iterable, Mapping, Optional
 
 # Hydra's sweep syntax: a,b,c  range(...)  choice(...)  glob(...)  interval(...)
+SWEPT_KEYS_ENV = "KDRUN_SWEPT_KEYS"
 _SWEEP_FUNCTION = re.compile(r"^(range|choice|glob|interval|tag)\(")
 
 
@@ -29,10 +31,21 @@ def swept_keys(argv: Iterable[str]) -> set[str]:
     return keys
 
 
-def job_dirname(overrides: Iterable[str]) -> str:
-    """The job's overrides of swept keys, or all of them when the sweep's keys are unknown."""
+def remember_swept_keys(argv: Iterable[str]) -> None:
+    """Called where the sweep starts: jobs that run in other processes (submitit) see another sys.argv."""
+    os.environ[SWEPT_KEYS_ENV] = ",".join(sorted(swept_keys(argv)))
+
+
+def job_dirname(overrides: Iterable[str], sweeper_params: Optional[Mapping] = None) -> str:
+    """The job's overrides of swept keys, or all of them when the sweep's keys are unknown.
+
+    Swept keys: those given several values on the command line, and the keys of hydra.sweeper.params
+    (an Optuna search space, e.g. T and alpha).
+    """
     overrides = [str(o) for o in overrides]
-    keys = swept_keys(sys.argv[1:])
+    remembered = os.environ.get(SWEPT_KEYS_ENV)
+    keys = set(remembered.split(",")) if remembered else swept_keys(sys.argv[1:])
+    keys |= {str(key).lstrip("+~") for key in (sweeper_params or {})}
     chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys] or overrides
-    # Keep the name a single, portable path component.
-    return ",".join(sorted(chosen)).replace("/", "_").replace(":", "_")[:200]
+    # Keep the name a single, portable path component (Hydra escapes ':' in sweep values as '\:').
+    return ",".join(sorted(chosen)).replace("\\", "").replace("/", "_").replace(":", "_")[:200]
