@@ -22,6 +22,7 @@ from kdrun.argv import ArgvError, preflight
 from kdrun.config import register_configs, validate
 from kdrun.errors import KdrunError
 from kdrun.paths import conf_dir
+from kdrun.ranks import worker_argv
 from kdrun.resume import find_resumable_run
 from kdrun.run_files import METRICS_FILE, has_work, write_json_atomic
 
@@ -103,7 +104,7 @@ def main() -> None:
         print(help_text())
         return
     try:
-        sys.argv[1:] = preflight(sys.argv[1:])
+        sys.argv[1:] = worker_argv(preflight(sys.argv[1:]))  # torchrun: only rank 0 writes the run dir
         hydra_entry()
         if _run_error:
             raise _run_error[0]
