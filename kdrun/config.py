@@ -81,6 +81,8 @@ def validate(cfg: DictConfig) -> None:
            f"progress={cfg.progress} must be auto, true or false")
     _check(cfg.precision in ("fp32", "bf16", "fp16"),
            f"precision={cfg.precision} must be fp32, bf16 or fp16, e.g. precision=bf16")
+    _check(not (cfg.precision == "fp16" and str(cfg.device).startswith("cpu")),  # also checked for device=auto
+           "precision=fp16 needs a CUDA GPU (device is cpu): use precision=bf16 or precision=fp32")
     _check(cfg.lr_scaling in ("none", "linear"), f"lr_scaling={cfg.lr_scaling} must be none or linear")
     _check(cfg.lr_base_batch >= 1, f"lr_base_batch={cfg.lr_base_batch} must be >= 1, e.g. lr_base_batch=256")
     _check(not cfg.student.cache, "student.cache=true: only the teacher's outputs are cached; pass teacher.cache=true")
