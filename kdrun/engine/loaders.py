@@ -51,9 +51,9 @@ class Batches:
             return torch.randperm(n, generator=epoch_generator(self.seed, self.epoch))
         return torch.arange(n)
 
-    def batch_indices(self) -> list[torch.Tensor]:
-        """This process's sample positions of every batch of the epoch."""
-        order = self._order()
+    def batch_indices(self, device: torch.device | None = None) -> list[torch.Tensor]:
+        """This process's sample positions of every batch of the epoch (on `device`: one copy per epoch)."""
+        order = self._order() if device is None else self._order().to(device)
         batches = list(order.split(self.batch_size))
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
@@ -62,7 +62,8 @@ class Batches:
         return batches
 
     def _tensor_batches(self) -> Iterator[Batch]:
-        for idx in self.batch_indices():
+        # Indices live where the images do (the GPU after on_device): no host-to-device copy per batch.
+        for idx in self.batch_indices(self.dataset.images.device):
             images, labels, indices = self.dataset.batch(idx)
             yield _to(images, labels, indices, self.device)
 
