@@ -18,8 +18,9 @@ table shows medians (images/s) and ratios of medians:
              and a DataLoader
 
 Peak memory: each variant again in a fresh subprocess, one epoch. On the CPU, tracemalloc is no use
-(it sees Python's allocator, not torch's), so the figure is the OS's peak resident set (getrusage
-ru_maxrss, reset through /proc/self/clear_refs just before the epoch, so setup does not count):
+(it sees Python's allocator, not torch's), so the figure is the OS's peak resident set (Linux VmHWM,
+the counter behind getrusage's ru_maxrss, reset through /proc/self/clear_refs just before the epoch so
+setup does not count; ru_maxrss itself would start from the parent's peak, see _peak_rss_mb):
 "peak MB" is the whole process at its peak (torch's runtime, models, data included) and "+MB" that
 peak minus the resident set before the epoch (activations, gradients, optimizer state, batches). One
 process per variant, so one variant's peak never hides another's. On CUDA: torch.cuda's peak of
@@ -113,11 +114,10 @@ class PilDataset(Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def torchvision_loader(args, dataset: InMemoryDataset, seed: int) -> DataLoader:
+def torchvision_loader(args, dataset: InMemoryDataset, images: np.ndarray, seed: int) -> DataLoader:
     transform = transforms.Compose([transforms.RandomCrop(args.image_size, padding=4),
                                     transforms.RandomHorizontalFlip(), transforms.ToTensor(),
                                     transforms.Normalize(dataset.mean, dataset.std)])
-    images = dataset.images.permute(0, 2, 3, 1).contiguous().numpy()
     return DataLoader(PilDataset(images, dataset.labels.numpy(), transform), batch_size=args.batch_size,
                       shuffle=True, num_workers=args.workers, generator=torch.Generator().manual_seed(seed),
                       pin_memory=args.device.startswith("cuda"))
@@ -222,6 +222,8 @@ def kdrun_loop(args, device, data: InMemoryDataset, variant: str, cache_root: Pa
 
 def data_path(args, device, variant: str):
     data = on_device(synthetic(args, args.data_size, augment=True), device)
+    source = synthetic(args, args.data_size, augment=False)  # the same images, for the PIL pipeline
+    pil_images = source.images.permute(0, 2, 3, 1).contiguous().numpy()  # HWC, as torchvision's CIFAR stores them
 
     def run_kdrun(epoch: int) -> float:
         sync(device)
@@ -232,7 +234,7 @@ def data_path(args, device, variant: str):
         return time.perf_counter() - started
 
     def run_torchvision(epoch: int) -> float:
-        loader = torchvision_loader(args, synthetic(args, args.data_size, augment=False), epoch)
+        loader = torchvision_loader(args, source, pil_images, epoch)
         sync(device)
         started = time.perf_counter()
         for images, labels in loader:
@@ -279,6 +281,17 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """The peak resident set of this process's memory (Linux VmHWM). Not ru_maxrss: across fork + exec
+    Linux carries the PARENT's peak into it, so every child of a big benchmark process reads the same."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def _reset_peak_rss() -> bool:
     """Linux >= 4.0 resets the peak resident set (and so ru_maxrss) on request; elsewhere the peak
     covers the whole process, imports and setup included, and the delta may read low."""
@@ -303,10 +316,13 @@ def child_memory(args) -> dict:
             run(1)
             return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
                     "delta_mb": (torch.cuda.max_memory_allocated(device) - base) / 2**20, "method": "cuda"}
-        method = "ru_maxrss since reset" if _reset_peak_rss() else "ru_maxrss (process lifetime)"
+        reset = _reset_peak_rss()
         before = _rss_mb()
         run(1)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = _peak_rss_mb()
+        method = ("VmHWM since reset" if reset else "VmHWM (process lifetime)") if peak else "ru_maxrss"
+        if not peak:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return {"peak_mb": peak, "delta_mb": max(0.0, peak - before), "method": method}
 
 
