@@ -364,8 +364,10 @@ def table(report: dict) -> str:
                      f"{mem.get('peak_mb', float('nan')):10.0f}{mem.get('delta_mb', float('nan')):8.0f}")
     ratios = report["ratios"]
     lines += [
-        f"kdrun / hand loop (images/s):            {ratios['kdrun_vs_hand']:.3f}x  (target >= 0.95x)",
-        f"cached distill epoch / baseline epoch:   {ratios['cached_epoch_vs_baseline']:.3f}x  (target <= 1.15x)",
+        f"kdrun / hand loop (images/s):            {ratios['kdrun_vs_hand']:.3f}x  (target >= 0.95x; "
+        f"fastest epochs {ratios['kdrun_vs_hand_best']:.3f}x)",
+        f"cached distill epoch / baseline epoch:   {ratios['cached_epoch_vs_baseline']:.3f}x  (target <= 1.15x; "
+        f"fastest epochs {ratios['cached_epoch_vs_baseline_best']:.3f}x)",
         f"uncached distill epoch / baseline epoch: {ratios['distill_epoch_vs_baseline']:.3f}x",
         f"cache speed-up of a distill epoch:       {ratios['cache_speedup']:.3f}x",
         f"kdrun data path / torchvision DataLoader: {ratios['data_kdrun_vs_torchvision']:.1f}x  (target >= 3x)",
@@ -400,6 +402,9 @@ def main(argv=None) -> None:
             "distill_epoch_vs_baseline": ips["baseline"] / ips["kdrun"],
             "cache_speedup": ips["cached"] / ips["kdrun"],
             "data_kdrun_vs_torchvision": ips["data_kdrun"] / ips["data_torchvision"],
+            # On a shared machine the fastest epoch is the one least disturbed by others' work.
+            "kdrun_vs_hand_best": min(timing["hand"]["seconds"]) / min(timing["kdrun"]["seconds"]),
+            "cached_epoch_vs_baseline_best": min(timing["cached"]["seconds"]) / min(timing["baseline"]["seconds"]),
         },
     }
     if not args.skip_memory:
