@@ -23,6 +23,7 @@ from kdrun.config import register_configs, validate
 from kdrun.errors import KdrunError
 from kdrun.failures import as_user_error, exit_code, one_line, record_failure, status_of
 from kdrun.paths import conf_dir
+from kdrun.ranks import worker_argv
 from kdrun.resume import find_resumable_run
 from kdrun.run_files import has_checkpoint, has_work
 from kdrun.sweep_callback import failed_jobs
@@ -118,7 +119,7 @@ def main() -> None:
         print(help_text())
         return
     try:
-        sys.argv[1:] = preflight(sys.argv[1:])
+        sys.argv[1:] = worker_argv(preflight(sys.argv[1:]))  # torchrun: only rank 0 writes the run dir
         remember_swept_keys(sys.argv[1:])
         hydra_entry()
         if _run_error:

@@ -21,6 +21,8 @@ class ModelConfig:
     epochs: Optional[int] = None      # None: the top-level `epochs`
     lr: Optional[float] = None        # None: the top-level `lr`
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the model constructor
+    cache: bool = False               # teacher only: compute its outputs once and read them (engine/teacher_cache.py)
+    cache_max_mb: float = 4096.0      # teacher only: largest cache (logits + features) to write
 
 
 @dataclass
@@ -43,6 +45,11 @@ class KdrunConfig:
     cache_dir: str = "outputs/cache"
     progress: str = "auto"
     tb_figures: int = 4               # soft-target figures per epoch (images); 0: no figures
+    precision: str = "fp32"           # fp32, bf16 or fp16 (autocast; fp16 adds a GradScaler, CUDA only)
+    channels_last: bool = False
+    compile: bool = False             # torch.compile of student and teacher
+    lr_scaling: str = "none"          # none, or linear: lr * batch_size / lr_base_batch
+    lr_base_batch: int = 64
 
 
 def register_configs() -> None:
@@ -75,6 +82,14 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.tb_figures >= 0, f"tb_figures={cfg.tb_figures} must be >= 0 (0 turns figures off), e.g. tb_figures=4")
     _check(str(cfg.progress).lower() in ("auto", "true", "false"),
            f"progress={cfg.progress} must be auto, true or false")
+    _check(cfg.precision in ("fp32", "bf16", "fp16"),
+           f"precision={cfg.precision} must be fp32, bf16 or fp16, e.g. precision=bf16")
+    _check(not (cfg.precision == "fp16" and str(cfg.device).startswith("cpu")),  # also checked for device=auto
+           "precision=fp16 needs a CUDA GPU (device is cpu): use precision=bf16 or precision=fp32")
+    _check(cfg.lr_scaling in ("none", "linear"), f"lr_scaling={cfg.lr_scaling} must be none or linear")
+    _check(cfg.lr_base_batch >= 1, f"lr_base_batch={cfg.lr_base_batch} must be >= 1, e.g. lr_base_batch=256")
+    _check(not cfg.student.cache, "student.cache=true: only the teacher's outputs are cached; pass teacher.cache=true")
+    _check(cfg.teacher.cache_max_mb > 0, f"teacher.cache_max_mb={cfg.teacher.cache_max_mb} must be > 0, e.g. 4096")
     _check("name" in cfg.dataset, "the dataset config has no `name`: pick one with dataset=NAME")
     _check("terms" in cfg.distill and len(cfg.distill.terms) > 0,
            "the distill config lists no loss terms: pick a method with distill=NAME, e.g. distill=kd")
@@ -86,4 +101,8 @@ def stage_epochs(cfg: DictConfig, role: str) -> int:
 
 
 def stage_lr(cfg: DictConfig, role: str) -> float:
-    return float(cfg[role].lr if cfg[role].lr is not None else cfg.lr)
+    """The learning rate the stage trains with: its own or the top-level one, scaled by `lr_scaling`."""
+    lr = float(cfg[role].lr if cfg[role].lr is not None else cfg.lr)
+    if cfg.get("lr_scaling", "none") == "linear":  # Goyal et al. 2017: lr grows with the (global) batch
+        lr *= cfg.batch_size / cfg.lr_base_batch
+    return lr

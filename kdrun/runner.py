@@ -13,7 +13,9 @@ from omegaconf import DictConfig
 from kdrun import __version__
 from kdrun.config import validate
 from kdrun.data import build_dataset, describe
+from kdrun.engine import distributed
 from kdrun.engine.evaluate import predict
+from kdrun.engine.precision import build_speed
 from kdrun.errors import KdrunError
 from kdrun.metrics import classification_metrics, fidelity_metrics
 from kdrun.cost import model_cost, timing_context
@@ -55,10 +57,17 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
     seed_everything(cfg.seed)
     check_model_name(cfg.teacher.name, "teacher")
     check_model_name(cfg.student.name, "student")
-    device = resolve_device(cfg.device)
+    device = distributed.setup(resolve_device(cfg.device), cfg.device)  # torchrun: this process's device
+    distributed.check_batch_size(cfg.batch_size)
+    speed = build_speed(cfg.precision, cfg.channels_last, cfg.compile, device)
+    run_dir = Path(distributed.from_rank_zero(str(run_dir)))  # rank 0's directory, for resuming
     data = build_dataset(cfg.dataset)
+    if cfg.teacher.cache:
+        from kdrun.engine.teacher_cache import check_cacheable
+
+        check_cacheable(data.train, data.name)  # before any stage trains
     log.info("dataset %s; device %s; kdrun %s", describe(data), device, __version__)
-    ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress))
+    ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress) and distributed.is_main(), speed)
     resume = bool(cfg.resume) or has_checkpoint(run_dir / "checkpoints")
 
     input_shape = (data.in_chans, *data.image_size)
@@ -107,12 +116,15 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
         "compression": teacher_metrics["params"] / student_metrics["params"],
         "speedup": teacher_metrics["latency_ms"] / student_metrics["latency_ms"],
         "timing": timing_context(device),
+        "speed": {"precision": speed.precision, "channels_last": speed.channels_last, "compile": speed.compile,
+                  "processes": distributed.shard()[1], "teacher_cache": bool(cfg.teacher.cache)},
         "history": student.result.history,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_json_atomic(metrics, run_dir / METRICS_FILE)
-    write_run_summary(run_dir, cfg, metrics, {"teacher": teacher_logits, "student": student_logits}, labels)
-    print(result_table(metrics))
+    if distributed.is_main():
+        write_json_atomic(metrics, run_dir / METRICS_FILE)
+        write_run_summary(run_dir, cfg, metrics, {"teacher": teacher_logits, "student": student_logits}, labels)
+        print(result_table(metrics))
     return metrics
 
 

@@ -6,7 +6,7 @@ trains each of them once.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -17,9 +17,11 @@ from torch import nn
 from kdrun.config import stage_epochs, stage_lr
 from kdrun.data import DataBundle
 from kdrun.distill import build_loss, hard_label_loss, needs_features
+from kdrun.engine import distributed
 from kdrun.engine.cache import CacheEntry, stage_key
 from kdrun.engine.checkpoint import FORMAT, load_model_weights, save_atomic
 from kdrun.engine.forward import FeaturePairing
+from kdrun.engine.precision import Speed, numerics_key
 from kdrun.engine.trainer import Recipe, Stage, StageResult, train
 from kdrun.errors import KdrunError
 from kdrun.models import create_model
@@ -44,6 +46,7 @@ class RunContext:
     device: torch.device
     run_dir: Path
     progress: bool
+    speed: Speed = field(default_factory=Speed)
 
     @property
     def data_workers(self) -> int:
@@ -102,16 +105,22 @@ def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float, re
         log.info("features: student %s <-> teacher %s", [pairing.student.names[i] for i in pairing.student_index],
                  [pairing.teacher.names[i] for i in pairing.teacher_index])
     loss = build_loss(distill_cfg, shapes)
+    outputs = None
+    if ctx.cfg.teacher.cache and loss.needs_teacher:
+        from kdrun.engine.teacher_cache import teacher_outputs_for_run
+
+        outputs = teacher_outputs_for_run(ctx, teacher, pairing, ctx.speed)
+        log.info("teacher outputs: %s %s", "reusing" if outputs.reused else "cached", outputs.directory)
     writer = open_writer(ctx.run_dir)
     write_layout(writer)
     figures = soft_target_logger(writer, ctx.data, model, teacher, ctx.cfg.T, int(ctx.cfg.tb_figures), ctx.device)
     stage = Stage("student", ctx.recipe("student"), ctx.device, ctx.run_dir / "checkpoints",
                   ctx.meta("student"), writer, ctx.progress, {"teacher": teacher_top1},
-                  num_workers=ctx.data_workers)
+                  num_workers=ctx.data_workers, speed=ctx.speed)
     try:
         result = train(stage, model, loss, ctx.data.train, ctx.data.test,
                        teacher=teacher if loss.needs_teacher else None, resume=resume, features=pairing,
-                       on_epoch=figures)
+                       on_epoch=figures, teacher_outputs=outputs)
     finally:
         writer.close()
     return StageOutcome(model, "trained", str(ctx.run_dir / "checkpoints" / "last.pt"), result)
@@ -144,23 +153,26 @@ def _cached_stage(ctx: RunContext, stage_name: str, role: str, model: nn.Module)
     model_cfg = ctx.cfg[role]
     spec = {"stage": stage_name, "model": {"name": model_cfg.name, "pretrained": model_cfg.pretrained,
                                            "kwargs": _plain(model_cfg.kwargs)},
-            "dataset": _plain(ctx.cfg.dataset), "recipe": vars(recipe)}
+            "dataset": _plain(ctx.cfg.dataset), "recipe": vars(recipe), **numerics_key(ctx.speed)}
     entry = CacheEntry(ctx.cache_root, stage_name, stage_key(spec))
-    with entry.lock():  # parallel sweep jobs wait here while one of them builds the stage
-        if entry.complete():
+    with distributed.rank_zero_lock(entry.lock):  # parallel sweep jobs wait here while one of them builds the stage
+        if distributed.from_rank_zero(entry.complete()):
             load_model_weights(model, entry.model_path, f"{stage_name} cache", model_cfg.name, ctx.data.num_classes)
             log.info("%s: reusing cached %s from %s", stage_name, model_cfg.name, entry.directory)
             return StageOutcome(model.to(ctx.device), "cache", str(entry.model_path))
         log.info("%s: training %s for %d epochs (cached in %s)", stage_name, model_cfg.name, recipe.epochs,
                  entry.directory)
-        entry.write_spec(spec)
+        if distributed.is_main():
+            entry.write_spec(spec)
         writer = open_writer(entry.directory / "tb")
         stage = Stage(stage_name, recipe, ctx.device, entry.directory, ctx.meta(role), writer, ctx.progress,
-                      num_workers=ctx.data_workers)
+                      num_workers=ctx.data_workers, speed=ctx.speed)
         try:
             result = train(stage, model, hard_label_loss(), ctx.data.train, ctx.data.test)
         finally:
             writer.close()
-        save_atomic({"format": FORMAT, "version": 1, **ctx.meta(role), "stage": stage_name,
-                     "model": model.state_dict(), "history": result.history, "spec": spec}, entry.model_path)
+        if distributed.is_main():
+            save_atomic({"format": FORMAT, "version": 1, **ctx.meta(role), "stage": stage_name,
+                         "model": model.state_dict(), "history": result.history, "spec": spec}, entry.model_path)
+        distributed.barrier()  # the others go on once the stage is in the cache
         return StageOutcome(model, "trained", str(entry.model_path), result)

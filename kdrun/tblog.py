@@ -36,8 +36,19 @@ LAYOUT = {
     },
 }
 
+from kdrun.ranks import is_main
+
+
+class _NoWriter:
+    """What processes other than rank 0 of a torchrun launch log to: nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
 
 def open_writer(log_dir: Path) -> SummaryWriter:
+    if not is_main():
+        return _NoWriter()
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     return SummaryWriter(log_dir=str(log_dir))
 

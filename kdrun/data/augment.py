@@ -19,17 +19,17 @@ class RandomCropFlip:
         self.flip = flip
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = images.shape
+        batch, _, height, width = images.shape
         device = images.device
         if self.padding > 0:
             pad = self.padding
             padded = F.pad(images, (pad, pad, pad, pad))
             top = torch.randint(0, 2 * pad + 1, (batch,), device=device)
             left = torch.randint(0, 2 * pad + 1, (batch,), device=device)
-            rows = (top[:, None] + torch.arange(height, device=device))[:, None, :, None]
-            cols = (left[:, None] + torch.arange(width, device=device))[:, None, None, :]
-            images = padded[torch.arange(batch, device=device)[:, None, None, None],
-                            torch.arange(channels, device=device)[None, :, None, None], rows, cols]
+            # Every crop window as a view (B, C, 2p+1, 2p+1, H, W), then one window per image: a copy of
+            # contiguous rows, several times faster than gathering pixel by pixel.
+            windows = padded.unfold(2, height, 1).unfold(3, width, 1)
+            images = windows[torch.arange(batch, device=device), :, top, left]
         if self.flip:
             flipped = torch.rand(batch, device=device) < 0.5
             images = torch.where(flipped[:, None, None, None], images.flip(-1), images)

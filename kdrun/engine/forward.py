@@ -49,14 +49,18 @@ class StepForward:
     """Runs the models for one batch and packs their outputs for the loss."""
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None,
-                 features: Optional[FeaturePairing] = None):
+                 features: Optional[FeaturePairing] = None, teacher_outputs=None):
         self.student, self.teacher, self.features = student, teacher, features
+        # kdrun.engine.teacher_cache.TeacherOutputs: when set, the teacher's outputs are read, not computed.
+        self.teacher_outputs = teacher_outputs
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, epoch: int) -> StepContext:
         if self.features is not None:
             return self._with_features(images, labels, indices, epoch)
         teacher_logits = None
-        if self.teacher is not None:
+        if self.teacher_outputs is not None:
+            teacher_logits = self.teacher_outputs.logits_for(indices)
+        elif self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
         return StepContext(self.student(images), labels, indices, teacher_logits, epoch)
@@ -64,10 +68,14 @@ class StepForward:
     def _with_features(self, images, labels, indices, epoch) -> StepContext:
         pairing = self.features
         logits, s_maps, s_emb = pairing.student(images)
-        with torch.no_grad():
-            t_logits, t_maps, t_emb = pairing.teacher(images)
+        if self.teacher_outputs is not None:
+            t_logits, t_matched, t_emb = self.teacher_outputs.features_for(indices)
+        else:
+            with torch.no_grad():
+                t_logits, t_maps, t_emb = pairing.teacher(images)
+            t_matched = [t_maps[i] for i in pairing.teacher_index]
         return StepContext(
             logits, labels, indices, t_logits, epoch,
             student_features=[s_maps[i] for i in pairing.student_index],
-            teacher_features=[t_maps[i] for i in pairing.teacher_index],
+            teacher_features=t_matched,
             student_embedding=s_emb, teacher_embedding=t_emb)
