@@ -53,9 +53,10 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
             run_dir = previous
     try:
         validate(cfg)
+        from kdrun.paradigms import objective
         from kdrun.runner import run_experiment  # heavy: torch, timm, torchvision
 
-        return run_experiment(cfg, run_dir)["student"]["top1"]
+        return objective(run_experiment(cfg, run_dir))
     except KdrunError as error:
         if has_work(run_dir):
             write_json_atomic({"status": "failed", "error": str(error)}, run_dir / METRICS_FILE)
