@@ -23,15 +23,7 @@ class ArgvError(KdrunError):
 def preflight(args: list[str]) -> list[str]:
     if any(arg.startswith(CUSTOM_CONFIG_FLAGS) for arg in args):
         return args
-    _check_assistant_has_its_paradigm(args)
     return [_check_group_override(arg) for arg in args]
-
-
-def _check_assistant_has_its_paradigm(args: list[str]) -> None:
-    """`assistant=NAME` exists only in paradigm=assistant (that paradigm's config adds the group)."""
-    keys = {arg.split("=", 1)[0].lstrip("+~"): arg.split("=", 1)[1] for arg in args if "=" in arg}
-    if "assistant" in keys and "assistant" not in keys.get("paradigm", "").split(","):
-        raise ArgvError(f"assistant={keys['assistant']} is read by paradigm=assistant only: add paradigm=assistant")
 
 
 def _check_group_override(arg: str) -> str:

@@ -30,7 +30,7 @@ class KdrunConfig:
     distill: Dict[str, Any] = field(default_factory=dict)
     paradigm: Dict[str, Any] = field(default_factory=dict)   # conf/paradigm/: offline, online, self, ...
     teachers: List[Any] = field(default_factory=list)        # paradigm=multi_teacher: preset or model names
-    assistant: Optional[ModelConfig] = None                  # paradigm=assistant: its preset sets it
+    assistant: ModelConfig = field(default_factory=ModelConfig)  # paradigm=assistant's middle model
     optim: Dict[str, Any] = field(default_factory=dict)
     sched: Dict[str, Any] = field(default_factory=dict)
     T: float = 4.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from kdrun.paradigms.settings import PARADIGMS, paradigm_name
+from kdrun.paradigms.settings import PARADIGMS, paradigm_name, unread_settings
 
 # paradigm name -> "module:function" under kdrun.paradigms; the function is run(ctx, started) -> metrics
 RUNNERS = {
@@ -36,4 +36,4 @@ def objective(metrics: dict) -> float:
     raise KeyError("metrics hold no evaluated model")
 
 
-__all__ = ["RUNNERS", "PARADIGMS", "objective", "paradigm_name", "run_paradigm"]
+__all__ = ["RUNNERS", "PARADIGMS", "objective", "paradigm_name", "run_paradigm", "unread_settings"]

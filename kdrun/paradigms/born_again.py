@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from kdrun.engine.checkpoint import load_model_weights
+import torch
+
 from kdrun.engine.group import ModelGroup, ensemble_logits
 from kdrun.metrics import fidelity_metrics
 from kdrun.paradigms.common import derive, plain
@@ -36,8 +37,10 @@ def load_generation(ctx: RunContext, k: int, generations: int):
     """Generation k's final weights, read from its checkpoints/last.pt."""
     gen_ctx = generation_context(ctx, k, generations)
     model = gen_ctx.build_model("student")
-    path = gen_ctx.run_dir / "checkpoints" / "last.pt"
-    load_model_weights(model, path, f"gen{k}", gen_ctx.cfg.student.name, ctx.data.num_classes)
+    # This run wrote the file, with its training state (RNG states included, which a weights-only load
+    # refuses), so it is read in full.
+    state = torch.load(gen_ctx.run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
     return model.to(ctx.device)
 
 

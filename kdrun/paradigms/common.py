@@ -30,7 +30,8 @@ def derive(ctx: RunContext, run_dir: Optional[Path] = None, **cfg_updates: Any) 
     """
     cfg = copy.deepcopy(ctx.cfg)
     for key, value in cfg_updates.items():
-        cfg[key] = value
+        # Model roles are typed (ModelConfig): a plain dict goes in as one.
+        cfg[key] = OmegaConf.merge(OmegaConf.structured(ModelConfig), value) if isinstance(value, dict) else value
     return dataclasses.replace(ctx, cfg=cfg, run_dir=Path(run_dir) if run_dir is not None else ctx.run_dir)
 
 

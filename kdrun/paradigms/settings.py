@@ -32,17 +32,24 @@ def validate_paradigm(cfg: DictConfig) -> None:
     if name not in PARADIGMS:
         raise KdrunError(f"unknown paradigm '{name}': choose one of {', '.join(PARADIGMS)} (paradigm=NAME)")
     settings = cfg.paradigm
-    teachers = _as_list(cfg.get("teachers")) or []
-    if teachers and name != "multi_teacher":
-        raise KdrunError(f"teachers={teachers} is read by paradigm=multi_teacher only (now paradigm={name}): "
-                         "add paradigm=multi_teacher, or pick one teacher with teacher=NAME")
-    if name in ("online", "multi_teacher") and cfg.distill.get("name", "kd") != "kd":
-        raise KdrunError(f"paradigm={name} has a loss of its own and does not use distill={cfg.distill.get('name')}; "
-                         "drop the distill override")
     check = {"online": _check_online, "self": _check_self, "multi_teacher": _check_multi_teacher,
              "assistant": _check_assistant}.get(name)
     if check is not None:
         check(cfg, settings)
+
+
+def unread_settings(cfg: DictConfig) -> list[str]:
+    """Settings the chosen paradigm ignores, as warnings (not errors: a sweep over paradigms shares them)."""
+    name, notes = paradigm_name(cfg), []
+    teachers = _as_list(cfg.get("teachers")) or []
+    if teachers and name != "multi_teacher":
+        notes.append(f"teachers={teachers} is read by paradigm=multi_teacher only and is ignored here "
+                     f"(paradigm={name}); the teacher is teacher={cfg.teacher.name}")
+    method = cfg.distill.get("name", "kd")
+    if name in ("online", "multi_teacher") and method != "kd":
+        notes.append(f"paradigm={name} has a loss of its own (see conf/paradigm/{name}.yaml); distill={method} "
+                     "is ignored")
+    return notes
 
 
 def _check_online(cfg: DictConfig, settings: DictConfig) -> None:
@@ -104,7 +111,7 @@ def _check_multi_teacher(cfg: DictConfig, settings: DictConfig) -> None:
 
 def _check_assistant(cfg: DictConfig, settings: DictConfig) -> None:
     assistant = cfg.get("assistant")
-    if assistant is None or OmegaConf.is_missing(assistant, "name") or not assistant.name:
+    if assistant is None or OmegaConf.is_missing(assistant, "name") or not assistant.get("name"):
         raise KdrunError("paradigm=assistant needs an assistant model: pass assistant=resnet18 or "
                          "assistant.name=ANY_MODEL")
     if assistant.get("checkpoint"):
