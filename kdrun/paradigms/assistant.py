@@ -59,6 +59,7 @@ def run(ctx: RunContext, started: float) -> dict:
                "history": student.result.history}
     rows = [("teacher", teacher_metrics), ("assistant", assistant_metrics), ("baseline", baseline),
             ("distilled", student_metrics)]
-    footer = (f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
-              f"(T={cfg.T}, alpha={cfg.alpha}, {metrics['method']} through {assistant_cfg['name']})") if baseline else ""
+    footer = "" if baseline is None else (
+        f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
+        f"(T={cfg.T}, alpha={cfg.alpha}, {metrics['method']} through {assistant_cfg['name']})")
     return finish(ctx, metrics, started, rows, footer)

@@ -14,8 +14,8 @@ import torch
 from kdrun.engine.group import ModelGroup, ensemble_logits
 from kdrun.metrics import fidelity_metrics
 from kdrun.paradigms.common import derive, plain
-from kdrun.paradigms.report import (comparisons, finish, header, log_test_scalars, model_metrics, test_logits,
-                                    training_summary)
+from kdrun.paradigms.report import (combined_cost, comparisons, finish, header, log_test_scalars, model_metrics,
+                                    test_logits, training_summary)
 from kdrun.stages import RunContext, distill_student, obtain_teacher
 from kdrun.tblog import open_writer
 
@@ -72,7 +72,7 @@ def run(ctx: RunContext, started: float) -> dict:
     ensemble = None
     if cfg.paradigm.get("ensemble", False):
         ensemble = model_metrics(ctx, ModelGroup(models), f"ensemble of generations 1-{generations}",
-                                 ensemble_logits(logits[1:]), labels)
+                                 ensemble_logits(logits[1:]), labels, cost=combined_cost(results[1:]))
     _log_generations(ctx, results, ensemble)
 
     student = results[-1]

@@ -15,7 +15,8 @@ from kdrun.distill.multi_teacher import mixture_log_probs, multi_teacher_loss, t
 from kdrun.engine.group import ModelGroup
 from kdrun.metrics import fidelity_metrics
 from kdrun.paradigms.common import derive, model_config, train_stage
-from kdrun.paradigms.report import (comparisons, finish, header, model_metrics, test_logits, training_summary)
+from kdrun.paradigms.report import (combined_cost, comparisons, finish, header, model_metrics, test_logits,
+                                    training_summary)
 from kdrun.stages import RunContext, obtain_baseline, obtain_teacher
 
 log = logging.getLogger("kdrun")
@@ -53,8 +54,8 @@ def run(ctx: RunContext, started: float) -> dict:
     group = ModelGroup(teachers).to(ctx.device).eval().requires_grad_(False)
     combined = combined_test_logits(teacher_logits, labels, weighting, weights, 1.0)
     combined_name = "+".join(c["name"] for c in configs)
-    teacher_metrics = model_metrics(ctx, group, combined_name, combined, labels, weighting=weighting,
-                                    weights=weights)
+    teacher_metrics = model_metrics(ctx, group, combined_name, combined, labels, cost=combined_cost(teacher_results),
+                                    weighting=weighting, weights=weights)
 
     baseline = None
     if cfg.baseline:

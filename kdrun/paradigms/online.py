@@ -14,7 +14,8 @@ from kdrun.engine.evaluate import predict
 from kdrun.engine.group import ModelGroup, ensemble_logits
 from kdrun.metrics import fidelity_metrics
 from kdrun.paradigms.common import derive, model_config, model_meta, plain, save_model, train_stage
-from kdrun.paradigms.report import comparisons, finish, header, log_test_scalars, model_metrics, test_logits
+from kdrun.paradigms.report import (combined_cost, comparisons, finish, header, log_test_scalars, model_metrics,
+                                    test_logits)
 from kdrun.stages import RunContext, obtain_baseline
 from kdrun.tblog import open_writer
 
@@ -60,7 +61,8 @@ def run(ctx: RunContext, started: float) -> dict:
         result = train_stage(ctx, "peers", cohort, loss, meta, writer=writer, on_epoch=each_peer_on_the_test_split)
         peers, peer_logits, labels = _evaluate_peers(ctx, cohort, names, result.history)
         ensemble_metrics = model_metrics(ctx, cohort, f"ensemble of {len(names)}", ensemble_logits(peer_logits),
-                                         labels, best_top1=result.best_top1, best_epoch=result.best_epoch)
+                                         labels, cost=combined_cost(peers), best_top1=result.best_top1,
+                                         best_epoch=result.best_epoch)
         log_test_scalars(writer, {**{f"peer{k}_top1": p["top1"] for k, p in enumerate(peers)},
                                   "ensemble_top1": ensemble_metrics["top1"]})
     finally:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kdrun import __version__
-from kdrun.cost import model_cost, timing_context
+from kdrun.cost import count_parameters, model_cost, timing_context
 from kdrun.engine.evaluate import predict
 from kdrun.engine.trainer import StageResult
 from kdrun.metrics import classification_metrics
@@ -23,12 +23,32 @@ def test_logits(ctx: RunContext, model: nn.Module) -> tuple[torch.Tensor, torch.
 
 
 def model_metrics(ctx: RunContext, model: nn.Module, name: str, logits: torch.Tensor, labels: torch.Tensor,
-                  **extra) -> dict:
+                  cost: Optional[dict] = None, **extra) -> dict:
     """top-1/top-5/NLL/ECE of `logits`, and the cost of `model`, as in an offline run's metrics.json."""
     metrics = classification_metrics(logits, labels)
     metrics.update(name=name, **extra)
-    metrics.update(model_cost(model, (ctx.data.in_chans, *ctx.data.image_size), ctx.cfg.batch_size, ctx.device))
+    metrics.update(cost if cost is not None else measured_cost(ctx, model, name))
     return metrics
+
+
+_measured: dict[tuple, dict] = {}
+
+
+def measured_cost(ctx: RunContext, model: nn.Module, name: str) -> dict:
+    """params, FLOPs, latency, throughput of `model`, measured once per architecture in a run: the
+    generations and peers of one architecture cost the same, and each measurement takes seconds on a CPU."""
+    key = (str(ctx.run_dir), name, count_parameters(model))
+    if key not in _measured:
+        _measured[key] = model_cost(model, (ctx.data.in_chans, *ctx.data.image_size), ctx.cfg.batch_size,
+                                    ctx.device)
+    return dict(_measured[key])
+
+
+def combined_cost(costs: list[dict]) -> dict:
+    """The cost of running several models one after another (an ensemble, a group of teachers)."""
+    return {"params": sum(c["params"] for c in costs), "flops": sum(c["flops"] for c in costs),
+            "latency_ms": sum(c["latency_ms"] for c in costs),
+            "throughput": 1.0 / sum(1.0 / c["throughput"] for c in costs)}
 
 
 def training_summary(result: StageResult) -> dict:
