@@ -8,6 +8,8 @@ GROUPS = {
     "student": "student model preset (or student.name=...)",
     "dataset": "training data",
     "distill": "distillation method: its loss terms and their weights",
+    "paradigm": "how the models are trained (default offline: teacher, then the student distils)",
+    "assistant": "the middle model of paradigm=assistant (or assistant.name=...)",
     "optim": "optimizer",
     "sched": "learning-rate schedule",
 }
@@ -22,6 +24,7 @@ TOP_LEVEL = [
     ("device", "auto (cuda if present, else cpu), cpu, cuda, cuda:N, mps"),
     ("baseline", "also train the student on hard labels alone (default true)"),
     ("resume", "continue the newest interrupted run with the same overrides (default false)"),
+    ("teachers", "paradigm=multi_teacher: e.g. teachers=[resnet50,efficientnet_b0]"),
     ("teacher.checkpoint", "load the teacher from a kdrun checkpoint or a state dict"),
     ("teacher.pretrained", "start the teacher from timm's pretrained weights (needs the hub)"),
 ]
@@ -31,6 +34,7 @@ EXAMPLES = [
     "kdrun student=convnext_atto dataset=digits epochs=5",
     "kdrun teacher.checkpoint=teacher.pt baseline=false",
     "kdrun -m T=1,2,4,8 alpha=0.5,0.9",
+    "kdrun paradigm=multi_teacher teachers=[resnet50,efficientnet_b0]",
     "kdrun dataset=imagefolder dataset.root=/data/imagenette teacher=resnet50 student=resnet18",
 ]
 

@@ -194,6 +194,31 @@ def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, mo
 
 # --- settings: one-line errors ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("paradigm", ["offline", "teacher", "baseline", "online", "self", "multi_teacher",
+                                      "assistant"])
+def test_every_paradigm_file_composes_and_cites_its_paper(tmp_path, paradigm):
+    import re
+
+    from kdrun.paths import group_options
+
+    assert paradigm in group_options("paradigm")
+    text = (conf_dir() / "paradigm" / f"{paradigm}.yaml").read_text()
+    assert re.search(r"(NIPS|CVPR|ICML|KDD|AAAI|ICASSP)[^\n]*(19|20)\d\d", text), "no paper cited"
+    cfg = compose_cfg(tmp_path, f"paradigm={paradigm}", "teachers=[cifar:resnet14,resnet50]"
+                      if paradigm == "multi_teacher" else "baseline=true")
+    assert cfg.paradigm.name == paradigm
+    validate(cfg)
+
+
+def test_default_paradigm_is_offline_and_assistant_takes_presets_and_names(tmp_path):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        assert compose(config_name="config").paradigm.name == "offline"
+    assert compose_cfg(tmp_path, "paradigm=assistant", "assistant=resnet34").assistant.name == "resnet34"
+    from kdrun.argv import preflight
+
+    assert preflight(["assistant=cifar:resnet14"]) == ["assistant.name=cifar:resnet14"]
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["paradigm=online", "paradigm.peers=1"], "at least 2 peers"),
     (["paradigm=online", "paradigm.peers=[cifar:resnet8]"], "at least 2 peers"),
@@ -259,7 +284,7 @@ def test_teacher_paradigm_saves_a_teacher_that_offline_runs_reuse(kdrun, tmp_pat
 def test_every_other_paradigm_runs_from_the_cli(kdrun, tmp_path):
     """One sweep, one job per paradigm, sharing the teachers through the cache."""
     proc = kdrun("-m", *TINY_1, "paradigm=baseline,online,self,multi_teacher,assistant",
-                 "teachers=[cifar:resnet14,cifar:resnet8]", "paradigm.weighting=confidence",
+                 "teachers=[cifar:resnet14,cifar:resnet8]", "++paradigm.weighting=confidence",
                  "assistant.name=cifar:resnet8", "hydra.sweep.dir=sweep")
     assert proc.returncode == 0, proc.stderr
     jobs = {read_metrics(p)["paradigm"]: p for p in (tmp_path / "sweep").iterdir() if (p / "metrics.json").is_file()}
