@@ -21,17 +21,16 @@ from kdrun.models import create_model
 from kdrun.paths import conf_dir
 
 register_configs()
-TINY_1 = [a for a in TINY if not a.startswith("epochs=")] + ["epochs=1"]   # one epoch a stage
+# TINY, smaller still: 96 training images (3 steps of 32), 32 test images, one epoch a stage.
+TINY_1 = [a for a in TINY if not a.startswith(("dataset.train_size", "dataset.test_size", "epochs"))] + [
+    "dataset.train_size=96", "dataset.test_size=32", "epochs=1"]
 SGD = {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
 
 
 def compose_cfg(tmp_path, *overrides):
-    """The composed config of TINY (smaller still) plus `overrides`, caching into tmp_path."""
-    tiny = [a for a in TINY if not a.startswith(("dataset.train_size", "dataset.test_size", "epochs"))]
+    """The composed config of TINY_1 plus `overrides`, caching into tmp_path."""
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=[
-            *tiny, "dataset.train_size=96", "dataset.test_size=32", "epochs=1", f"cache_dir={tmp_path / 'cache'}",
-            *overrides])
+        return compose(config_name="config", overrides=[*TINY_1, f"cache_dir={tmp_path / 'cache'}", *overrides])
 
 
 def logits(*shape, seed=0):
@@ -259,7 +258,7 @@ def test_teacher_paradigm_saves_a_teacher_that_offline_runs_reuse(kdrun, tmp_pat
     assert metrics["paradigm"] == "teacher" and metrics["teacher"]["source"] == "trained"
     assert metrics["student"] is None and len(metrics["history"]) == 2
     saved = torch.load(teacher_run / "checkpoints" / "last.pt", weights_only=True)
-    cached = torch.load(metrics["teacher"]["path"], weights_only=True)
+    cached = torch.load(tmp_path / metrics["teacher"]["path"], weights_only=True)
     assert saved["model_name"] == "cifar:resnet14"
     assert all(torch.equal(v, cached["model"][k]) for k, v in saved["model"].items())
     assert (teacher_run / "checkpoints" / "best.pt").is_file()
