@@ -92,13 +92,16 @@ def _evaluate_peers(ctx: RunContext, cohort: ModelGroup, names: list[str], histo
     labels = outputs[0][1]
     peers = []
     for k, peer in enumerate(cohort.members):
-        curve = [(r["epoch"], r["peer_val_top1"][k]) for r in history if "peer_val_top1" in r]
-        best_epoch, best_top1 = max(curve, key=lambda point: point[1]) if curve else (-1, float("nan"))
+        curve = {r["epoch"]: r["peer_val_top1"][k] for r in history if "peer_val_top1" in r}
+        # The weights evaluated here are the last epoch's (the test split is the validation split); a
+        # resumed run's history may lack that epoch's entry, written after its checkpoint.
+        last_top1 = (logits[k].argmax(1) == labels).float().mean().item()
+        curve[history[-1]["epoch"]] = last_top1
+        best_epoch = max(curve, key=lambda epoch: (curve[epoch], -epoch))
         others = ensemble_logits([z for i, z in enumerate(logits) if i != k])
         peers.append(model_metrics(ctx, peer, names[k], logits[k], labels, peer=k,
                                    **fidelity_metrics(logits[k], others, float(ctx.cfg.paradigm.get("T", 1.0))),
-                                   best_top1=best_top1, best_epoch=best_epoch,
-                                   last_top1=curve[-1][1] if curve else float("nan")))
+                                   best_top1=curve[best_epoch], best_epoch=best_epoch, last_top1=last_top1))
     return peers, logits, labels
 
 
