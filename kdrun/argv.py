@@ -12,8 +12,9 @@ from kdrun.paths import group_options
 from kdrun.plugins import check_plugins
 from kdrun.sweep_resume import resume_sweep_args
 
-CHECKED_GROUPS = ("teacher", "student", "dataset", "distill", "optim", "sched", "experiment", "hparams_search")
-MODEL_GROUPS = ("teacher", "student")
+CHECKED_GROUPS = ("teacher", "student", "dataset", "distill", "optim", "sched", "experiment", "hparams_search",
+                  "paradigm", "assistant")
+MODEL_GROUPS = ("teacher", "student", "assistant")
 # With these, users add config dirs of their own, whose options kdrun cannot list here.
 CUSTOM_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")
 # Hydra's own flags (tests/test_errors.py compares them with Hydra's parser). Anything else that

@@ -3,7 +3,7 @@ before any training. Each check fails with a one-line KdrunError that says how t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +31,9 @@ class KdrunConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
     dataset: Dict[str, Any] = field(default_factory=dict)
     distill: Dict[str, Any] = field(default_factory=dict)
+    paradigm: Dict[str, Any] = field(default_factory=dict)   # conf/paradigm/: offline, online, self, ...
+    teachers: List[Any] = field(default_factory=list)        # paradigm=multi_teacher: preset or model names
+    assistant: ModelConfig = field(default_factory=ModelConfig)  # paradigm=assistant's middle model
     optim: Dict[str, Any] = field(default_factory=dict)
     sched: Dict[str, Any] = field(default_factory=dict)
     T: float = 4.0
@@ -94,6 +97,9 @@ def validate(cfg: DictConfig) -> None:
     _check("terms" in cfg.distill and len(cfg.distill.terms) > 0,
            "the distill config lists no loss terms: pick a method with distill=NAME, e.g. distill=kd")
     check_inputs(cfg)  # device, dataset name, checkpoint paths: still before any heavy import
+    from kdrun.paradigms.settings import validate_paradigm  # pure Python: still before heavy imports
+
+    validate_paradigm(cfg)
 
 
 def stage_epochs(cfg: DictConfig, role: str) -> int:

@@ -10,6 +10,8 @@ GROUPS = {
     "student": "student model preset (or student.name=...)",
     "dataset": "training data",
     "distill": "distillation method: its loss terms and their weights",
+    "paradigm": "how the models are trained (default offline: teacher, then the student distils)",
+    "assistant": "the middle model of paradigm=assistant (or assistant.name=...)",
     "optim": "optimizer",
     "sched": "learning-rate schedule",
     "experiment": "a published recipe that sets the values above (the CIFAR-100 pairs of the literature)",
@@ -28,6 +30,7 @@ TOP_LEVEL = [
     ("cache_dir", "where reusable teacher and baseline stages live (default outputs/cache)"),
     ("progress", "auto (bars on a terminal, log lines otherwise), true or false"),
     ("tb_figures", "TensorBoard soft-target figures of N test images per epoch; 0: none (default 4)"),
+    ("teachers", "paradigm=multi_teacher: e.g. teachers=[resnet50,efficientnet_b0]"),
     ("teacher.checkpoint", "load the teacher from a kdrun checkpoint or a state dict"),
     ("teacher.pretrained", "start the teacher from timm's pretrained weights (needs the hub)"),
 ]
@@ -40,6 +43,7 @@ EXAMPLES = [
     "kdrun -m T=1,2,4,8 hydra/launcher=joblib hydra.launcher.n_jobs=4   # parallel (kdrun[joblib])",
     "kdrun -m T=1,2,4,8 hydra/launcher=kdrun_slurm                      # SLURM (kdrun[slurm])",
     "kdrun -m hparams_search=kd_optuna hydra.sweeper.n_trials=30        # Optuna (kdrun[optuna])",
+    "kdrun paradigm=multi_teacher teachers=[resnet50,efficientnet_b0]",
     "kdrun dataset=imagefolder dataset.root=/data/imagenette teacher=resnet50 student=resnet18",
 ]
 

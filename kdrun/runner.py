@@ -20,6 +20,7 @@ from kdrun.errors import KdrunError
 from kdrun.metrics import classification_metrics, fidelity_metrics
 from kdrun.cost import model_cost, timing_context
 from kdrun.models import check_model_name
+from kdrun.paradigms import paradigm_name, run_paradigm, unread_settings
 from kdrun.seeding import seed_everything
 from kdrun.run_files import METRICS_FILE, has_checkpoint, write_json_atomic
 from kdrun.stages import RunContext, distill_student, obtain_baseline, obtain_teacher
@@ -69,6 +70,10 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
     log.info("dataset %s; device %s; kdrun %s", describe(data), device, __version__)
     ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress) and distributed.is_main(), speed)
     resume = bool(cfg.resume) or has_checkpoint(run_dir / "checkpoints")
+    for note in unread_settings(cfg):
+        log.warning(note)
+    if paradigm_name(cfg) != "offline":  # teacher, baseline, online, self, multi_teacher, assistant
+        return run_paradigm(ctx, started)
 
     input_shape = (data.in_chans, *data.image_size)
 

@@ -20,8 +20,13 @@ log = logging.getLogger("kdrun")
 
 
 def objective(metrics: dict) -> Optional[float]:
-    """What a sweeper maximises: the student's best validation top-1; None when there is no number."""
-    value = (metrics.get("student") or {}).get("best_top1")
+    """What a sweeper maximises: the student's best validation top-1, or the top-1 of the final model of
+    a paradigm without a student (baseline, teacher); None when there is no number."""
+    student = metrics.get("student") or {}
+    value = student.get("best_top1", student.get("top1"))
+    for role in ("baseline", "teacher"):
+        if value is None and metrics.get(role):
+            value = metrics[role].get("top1")
     if value is None or not math.isfinite(float(value)):
         return None
     return float(value)

@@ -21,6 +21,9 @@ class StepContext:
     # Pooled penultimate features (B, D): what relation methods (RKD, PKT, CC, CRD) compare.
     student_embedding: Optional[torch.Tensor] = None
     teacher_embedding: Optional[torch.Tensor] = None
+    # Filled when the student or the teacher is a kdrun.engine.group.ModelGroup, one (B, K) tensor per member:
+    peer_logits: Optional[list[torch.Tensor]] = None            # student peers, with gradients (online)
+    teacher_group_logits: Optional[list[torch.Tensor]] = None   # teachers, no gradients (multi-teacher)
 
 
 @dataclass

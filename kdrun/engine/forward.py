@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
+from kdrun.engine.group import ModelGroup, ensemble_logits
 
 
 @dataclass
@@ -57,13 +58,22 @@ class StepForward:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, epoch: int) -> StepContext:
         if self.features is not None:
             return self._with_features(images, labels, indices, epoch)
-        teacher_logits = None
+        teacher_logits = teacher_group = peers = None
         if self.teacher_outputs is not None:
             teacher_logits = self.teacher_outputs.logits_for(indices)
+        elif isinstance(self.teacher, ModelGroup):
+            with torch.no_grad():
+                teacher_group = self.teacher.member_logits(images)
         elif self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
-        return StepContext(self.student(images), labels, indices, teacher_logits, epoch)
+        if isinstance(self.student, ModelGroup):
+            peers = self.student.member_logits(images)  # each peer's own logits, for its own loss
+            student_logits = ensemble_logits([p.detach() for p in peers])  # what train_top1 counts
+        else:
+            student_logits = self.student(images)
+        return StepContext(student_logits, labels, indices, teacher_logits, epoch, peer_logits=peers,
+                           teacher_group_logits=teacher_group)
 
     def _with_features(self, images, labels, indices, epoch) -> StepContext:
         pairing = self.features

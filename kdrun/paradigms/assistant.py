@@ -1,0 +1,65 @@
+"""paradigm=assistant: teacher-assistant distillation (Mirzadeh et al., AAAI 2020).
+
+teacher -> assistant -> student, two ordinary distill stages: the assistant (its own model config,
+`assistant=NAME` / `assistant.name=NAME`) distils from the teacher into RUN_DIR/assistant/, then the
+student distils from the assistant into RUN_DIR, both with the `distill` method.
+"""
+from __future__ import annotations
+
+import logging
+
+from kdrun.metrics import fidelity_metrics
+from kdrun.models import check_model_name
+from kdrun.paradigms.common import derive, plain
+from kdrun.paradigms.report import comparisons, finish, header, model_metrics, test_logits, training_summary
+from kdrun.stages import RunContext, distill_student, obtain_baseline, obtain_teacher
+
+log = logging.getLogger("kdrun")
+
+
+def run(ctx: RunContext, started: float) -> dict:
+    cfg = ctx.cfg
+    assistant_cfg = plain(cfg.assistant)
+    check_model_name(assistant_cfg["name"], "assistant")
+
+    teacher = obtain_teacher(ctx)
+    teacher_logits, labels = test_logits(ctx, teacher.model)
+    teacher_metrics = model_metrics(ctx, teacher.model, cfg.teacher.name, teacher_logits, labels,
+                                    source=teacher.source, path=teacher.path)
+    log.info("teacher %s: test top-1 %.2f%%", cfg.teacher.name, 100 * teacher_metrics["top1"])
+
+    baseline = None
+    if cfg.baseline:
+        outcome = obtain_baseline(ctx)
+        logits, _ = test_logits(ctx, outcome.model)
+        baseline = model_metrics(ctx, outcome.model, cfg.student.name, logits, labels, source=outcome.source,
+                                 path=outcome.path)
+
+    # The assistant takes the student's role (model and recipe) for its stage, in its own directory.
+    assistant_ctx = derive(ctx, run_dir=ctx.run_dir / "assistant", student=assistant_cfg)
+    log.info("assistant: %s distils from the teacher %s", assistant_cfg["name"], cfg.teacher.name)
+    assistant = distill_student(assistant_ctx, teacher.model, teacher_metrics["top1"], resume=True)
+    assistant_logits, _ = test_logits(ctx, assistant.model)
+    assistant_metrics = model_metrics(ctx, assistant.model, assistant_cfg["name"], assistant_logits, labels,
+                                      **fidelity_metrics(assistant_logits, teacher_logits, cfg.T),
+                                      **training_summary(assistant.result), path=assistant.path)
+
+    # Then the assistant takes the teacher's role (feature taps are built for its name).
+    student_ctx = derive(ctx, teacher=assistant_cfg)
+    log.info("student: %s distils from the assistant %s", cfg.student.name, assistant_cfg["name"])
+    student = distill_student(student_ctx, assistant.model, assistant_metrics["top1"], resume=True)
+    student_logits, _ = test_logits(ctx, student.model)
+    teacher_agreement = fidelity_metrics(student_logits, teacher_logits, cfg.T)["agreement"]
+    student_metrics = model_metrics(ctx, student.model, cfg.student.name, student_logits, labels,
+                                    **fidelity_metrics(student_logits, assistant_logits, cfg.T),
+                                    teacher_agreement=teacher_agreement, **training_summary(student.result))
+
+    metrics = {**header(ctx), "teacher": teacher_metrics, "assistant": assistant_metrics, "baseline": baseline,
+               "student": student_metrics, **comparisons(student_metrics, teacher_metrics, baseline),
+               "history": student.result.history}
+    rows = [("teacher", teacher_metrics), ("assistant", assistant_metrics), ("baseline", baseline),
+            ("distilled", student_metrics)]
+    footer = "" if baseline is None else (
+        f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
+        f"(T={cfg.T}, alpha={cfg.alpha}, {metrics['method']} through {assistant_cfg['name']})")
+    return finish(ctx, metrics, started, rows, footer)

@@ -1,0 +1,100 @@
+"""paradigm=self: born-again networks (Furlanello, Lipton, Tschannen, Itti & Anandkumar, ICML 2018).
+
+Generation 0 is the teacher (obtained as in an offline run: cache, checkpoint or training). Generation
+k >= 1 is a new network of the teacher's architecture distilled from generation k-1, whose weights are
+read back from its saved checkpoint. Each generation is an ordinary distill stage: generation k < N
+writes into RUN_DIR/gen<k>/ (checkpoints/, TensorBoard), the last one into RUN_DIR itself.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kdrun.engine.group import ModelGroup, ensemble_logits
+from kdrun.metrics import fidelity_metrics
+from kdrun.paradigms.common import derive, plain
+from kdrun.paradigms.report import (combined_cost, comparisons, finish, header, log_test_scalars, model_metrics,
+                                    test_logits, training_summary)
+from kdrun.stages import RunContext, distill_student, obtain_teacher
+from kdrun.tblog import open_writer
+
+log = logging.getLogger("kdrun")
+
+
+def born_again_config(ctx: RunContext) -> dict:
+    """The students' model config: the teacher's architecture, from scratch, with the student's recipe."""
+    teacher, student = plain(ctx.cfg.teacher), plain(ctx.cfg.student)
+    return {**teacher, "pretrained": False, "checkpoint": None, "epochs": student["epochs"], "lr": student["lr"]}
+
+
+def generation_context(ctx: RunContext, k: int, generations: int) -> RunContext:
+    run_dir = ctx.run_dir if k == generations else ctx.run_dir / f"gen{k}"
+    return derive(ctx, run_dir=run_dir, student=born_again_config(ctx), seed=ctx.cfg.seed + k)
+
+
+def load_generation(ctx: RunContext, k: int, generations: int):
+    """Generation k's final weights, read from its checkpoints/last.pt."""
+    gen_ctx = generation_context(ctx, k, generations)
+    model = gen_ctx.build_model("student")
+    # This run wrote the file, with its training state (RNG states included, which a weights-only load
+    # refuses), so it is read in full.
+    state = torch.load(gen_ctx.run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return model.to(ctx.device)
+
+
+def run(ctx: RunContext, started: float) -> dict:
+    cfg = ctx.cfg
+    generations = int(cfg.paradigm.get("generations", 2))
+    teacher = obtain_teacher(ctx)
+    teacher_logits, labels = test_logits(ctx, teacher.model)
+    teacher_metrics = model_metrics(ctx, teacher.model, cfg.teacher.name, teacher_logits, labels, generation=0,
+                                    source=teacher.source, path=teacher.path)
+    log.info("self: generation 0 (teacher %s) test top-1 %.2f%%", cfg.teacher.name, 100 * teacher_metrics["top1"])
+
+    results, models, logits = [teacher_metrics], [], [teacher_logits]
+    previous = teacher.model
+    for k in range(1, generations + 1):
+        gen_ctx = generation_context(ctx, k, generations)
+        if k > 1:
+            previous = load_generation(ctx, k - 1, generations)
+        log.info("self: generation %d distils from generation %d", k, k - 1)
+        outcome = distill_student(gen_ctx, previous, results[-1]["top1"], resume=True)
+        gen_logits, _ = test_logits(ctx, outcome.model)
+        results.append(model_metrics(ctx, outcome.model, cfg.teacher.name, gen_logits, labels, generation=k,
+                                     **fidelity_metrics(gen_logits, logits[-1], cfg.T),
+                                     **training_summary(outcome.result), path=outcome.path))
+        models.append(outcome.model)
+        logits.append(gen_logits)
+        log.info("self: generation %d test top-1 %.2f%%", k, 100 * results[-1]["top1"])
+
+    ensemble = None
+    if cfg.paradigm.get("ensemble", False):
+        ensemble = model_metrics(ctx, ModelGroup(models), f"ensemble of generations 1-{generations}",
+                                 ensemble_logits(logits[1:]), labels, cost=combined_cost(results[1:]))
+    _log_generations(ctx, results, ensemble)
+
+    student = results[-1]
+    metrics = {**header(ctx), "teacher": teacher_metrics, "baseline": None, "student": student,
+               "generations": results, "ensemble": ensemble, **comparisons(student, teacher_metrics, None),
+               "gain_over_teacher": student["top1"] - teacher_metrics["top1"], "history": outcome.result.history}
+    rows = [("teacher" if r["generation"] == 0 else f"gen {r['generation']}", r) for r in results]
+    return finish(ctx, metrics, started, rows + [("ensemble", ensemble)],
+                  f"gain over the teacher: {100 * metrics['gain_over_teacher']:+.2f} points "
+                  f"after {generations} generation(s) (T={cfg.T}, alpha={cfg.alpha}, {metrics['method']})")
+
+
+def _log_generations(ctx: RunContext, results: list[dict], ensemble) -> None:
+    """Per-generation accuracy as TensorBoard scalars over the generation index (0 = teacher)."""
+    writer = open_writer(ctx.run_dir)
+    try:
+        for r in results:
+            writer.add_scalar("generation/test_top1", r["top1"], r["generation"])
+            if "best_top1" in r:
+                writer.add_scalar("generation/best_val_top1", r["best_top1"], r["generation"])
+        if ensemble is not None:
+            log_test_scalars(writer, {"ensemble_top1": ensemble["top1"]})
+        writer.flush()
+    finally:
+        writer.close()

@@ -1,0 +1,65 @@
+"""paradigm=teacher and paradigm=baseline: one stage of an offline run on its own.
+
+The model is trained (or loaded) through the stage cache exactly as an offline run would, so a later
+offline run with the same model, dataset, recipe and seed reuses it; the run directory gets the usual
+outputs too: metrics.json, checkpoints/{last,best}.pt and the training curves in TensorBoard.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from kdrun.engine.checkpoint import read_checkpoint
+from kdrun.paradigms.common import save_model
+from kdrun.paradigms.report import finish, header, log_test_scalars, model_metrics, test_logits
+from kdrun.stages import RunContext, StageOutcome, obtain_baseline, obtain_teacher
+from kdrun.tblog import open_writer
+
+
+def run_teacher(ctx: RunContext, started: float) -> dict:
+    return _run(ctx, started, obtain_teacher(ctx), role="teacher", key="teacher")
+
+
+def run_baseline(ctx: RunContext, started: float) -> dict:
+    return _run(ctx, started, obtain_baseline(ctx), role="student", key="baseline")
+
+
+def _run(ctx: RunContext, started: float, outcome: StageOutcome, role: str, key: str) -> dict:
+    logits, labels = test_logits(ctx, outcome.model)
+    metrics_of_model = model_metrics(ctx, outcome.model, ctx.cfg[role].name, logits, labels,
+                                     source=outcome.source, path=outcome.path)
+    history = stage_history(outcome)
+    export(ctx, outcome, role, key, history, metrics_of_model)
+    metrics = {**header(ctx), "teacher": None, "baseline": None, "student": None, key: metrics_of_model,
+               "checkpoint": str(ctx.run_dir / "checkpoints" / "last.pt"), "history": history}
+    return finish(ctx, metrics, started, [(key, metrics_of_model)],
+                  f"saved {key} to {metrics['checkpoint']} (and the stage cache)")
+
+
+def stage_history(outcome: StageOutcome) -> list[dict]:
+    """Per-epoch records of the stage: from training, or from the cached or loaded checkpoint."""
+    if outcome.result is not None:
+        return outcome.result.history
+    saved = read_checkpoint(outcome.path, "checkpoint")
+    return list(saved.get("history") or []) if isinstance(saved, dict) else []
+
+
+def export(ctx: RunContext, outcome: StageOutcome, role: str, key: str, history: list[dict], metrics: dict) -> None:
+    """checkpoints/last.pt (the weights later runs use), best.pt (the best epoch's, where it was trained)
+    and TensorBoard curves in the run directory."""
+    checkpoints = ctx.run_dir / "checkpoints"
+    save_model(checkpoints / "last.pt", outcome.model, ctx.meta(role), key, history=history, source=outcome.source)
+    best = Path(outcome.path).parent / "best.pt"
+    if outcome.source in ("trained", "cache") and best.is_file():
+        shutil.copyfile(best, checkpoints / "best.pt")
+    else:
+        shutil.copyfile(checkpoints / "last.pt", checkpoints / "best.pt")
+    writer = open_writer(ctx.run_dir)
+    try:
+        for record in history:
+            for name in ("loss", "train_top1", "val_top1"):
+                if name in record:
+                    writer.add_scalar(f"epoch/{name}", record[name], record["epoch"])
+        log_test_scalars(writer, {f"{key}_top1": metrics["top1"], f"{key}_top5": metrics["top5"]})
+    finally:
+        writer.close()
