@@ -31,6 +31,12 @@ TOP_LEVEL = [
     ("progress", "auto (bars on a terminal, log lines otherwise), true or false"),
     ("tb_figures", "TensorBoard soft-target figures of N test images per epoch; 0: none (default 4)"),
     ("teachers", "paradigm=multi_teacher: e.g. teachers=[resnet50,efficientnet_b0]"),
+    ("precision", "fp32 (default), bf16, or fp16 (CUDA): mixed precision of both models"),
+    ("channels_last", "NHWC memory layout for convnets (default false)"),
+    ("compile", "torch.compile student and teacher (default false)"),
+    ("lr_scaling", "none (default) or linear: lr * batch_size / lr_base_batch"),
+    ("lr_base_batch", "the batch size `lr` is given for, with lr_scaling=linear (default 64)"),
+    ("teacher.cache", "compute the teacher's outputs on the training set once and read them back"),
     ("teacher.checkpoint", "load the teacher from a kdrun checkpoint or a state dict"),
     ("teacher.pretrained", "start the teacher from timm's pretrained weights (needs the hub)"),
 ]

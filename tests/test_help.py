@@ -28,7 +28,8 @@ def test_help_is_kdruns_own_page(help_page):
 
 def test_help_lists_every_config_group_with_all_its_options(help_page):
     listed = help_page.split("Config groups:")[1].split("Values:")[0]
-    assert set(GROUPS) == {"teacher", "student", "dataset", "distill", "optim", "sched", "experiment"}
+    assert set(GROUPS) == {"teacher", "student", "dataset", "distill", "paradigm", "assistant", "optim", "sched",
+                           "experiment"}
     for group in GROUPS:
         assert f"\n  {group} " in listed, group
         for option in group_options(group):
