@@ -18,7 +18,7 @@ TINY = [
 ]
 
 
-def run_kdrun(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_kdrun(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("KDRUN_TRACEBACK", None)
     env.pop("HYDRA_FULL_ERROR", None)
@@ -33,6 +33,6 @@ def read_metrics(run_dir: Path) -> dict:
 @pytest.fixture
 def kdrun(tmp_path):
     """Call as kdrun(*args): runs kdrun in tmp_path and returns the completed process."""
-    def call(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def call(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         return run_kdrun(list(args), tmp_path, timeout)
     return call
