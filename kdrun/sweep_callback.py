@@ -50,7 +50,10 @@ class CollectFailedJobs(Callback):
         _started["sweep_dir"] = str(config.hydra.sweep.dir)
         _started["time"] = time.time() - 1.0  # file times are coarser than time.time()
         # What resume=true looks for (Hydra's multirun.yaml is written by the basic sweeper only).
-        record_sweep(Path(_started["sweep_dir"]), [str(o) for o in config.hydra.overrides.task])
+        try:
+            record_sweep(Path(_started["sweep_dir"]), [str(o) for o in config.hydra.overrides.task])
+        except OSError:
+            pass  # an unusable sweep dir: the launcher fails on it next, with kdrun's one-line error
 
 
 def record_sweep(sweep_dir: Path, overrides: list[str]) -> None:
