@@ -1,5 +1,4 @@
 """Teacher-output cache: same losses as a live teacher, no teacher call while training, reuse, atomic writes."""
-import os
 
 import numpy as np
 import pytest

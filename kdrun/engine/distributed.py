@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -121,13 +121,3 @@ def sync_buffers(model: nn.Module) -> None:
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
 
-
-@contextlib.contextmanager
-def rank_zero_first() -> Iterator[bool]:
-    """Rank 0 runs the body first (yields True); the others wait, then run it (yield False)."""
-    if is_main():
-        yield True
-        barrier()
-    else:
-        barrier()
-        yield False
