@@ -68,7 +68,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
 
         check_cacheable(data.train, data.name)  # before any stage trains
     log.info("dataset %s; device %s; kdrun %s", describe(data), device, __version__)
-    ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress) and distributed.is_main(), speed)
+    ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress) and distributed.is_main(), speed,
+                     list(overrides or []))
     resume = bool(cfg.resume) or has_checkpoint(run_dir / "checkpoints")
     for note in unread_settings(cfg):
         log.warning(note)
@@ -112,7 +113,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
         "alpha": cfg.alpha,
         "seed": cfg.seed,
         "device": str(device),
-        "overrides": list(overrides or []),
+        "overrides": ctx.overrides,
         "teacher": teacher_metrics,
         "baseline": baseline_metrics,
         "student": student_metrics,

@@ -47,6 +47,7 @@ class RunContext:
     run_dir: Path
     progress: bool
     speed: Speed = field(default_factory=Speed)
+    overrides: list[str] = field(default_factory=list)  # the command line's, kept in metrics.json
 
     @property
     def data_workers(self) -> int:

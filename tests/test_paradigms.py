@@ -282,9 +282,10 @@ def test_teacher_paradigm_saves_a_teacher_that_offline_runs_reuse(kdrun, tmp_pat
 @pytest.mark.slow
 def test_every_other_paradigm_runs_from_the_cli(kdrun, tmp_path):
     """One sweep, one job per paradigm, sharing the teachers through the cache."""
-    proc = kdrun("-m", *TINY_1, "paradigm=baseline,online,self,multi_teacher,assistant",
-                 "teachers=[cifar:resnet14,cifar:resnet8]", "++paradigm.weighting=confidence",
-                 "assistant.name=cifar:resnet8", "hydra.sweep.dir=sweep")
+    sweep = ("-m", *TINY_1, "paradigm=baseline,online,self,multi_teacher,assistant",
+             "teachers=[cifar:resnet14,cifar:resnet8]", "++paradigm.weighting=confidence",
+             "assistant.name=cifar:resnet8", "hydra.sweep.dir=sweep")
+    proc = kdrun(*sweep)
     assert proc.returncode == 0, proc.stderr
     jobs = {read_metrics(p)["paradigm"]: p for p in (tmp_path / "sweep").iterdir() if (p / "metrics.json").is_file()}
     assert set(jobs) == {"baseline", "online", "self", "multi_teacher", "assistant"}
@@ -318,6 +319,14 @@ def test_every_other_paradigm_runs_from_the_cli(kdrun, tmp_path):
     assert assistant["assistant"]["name"] == "cifar:resnet8" and assistant["teacher"]["source"] == "cache"
     assert (jobs["assistant"] / "assistant" / "checkpoints" / "best.pt").is_file()
     assert "assistant" in proc.stdout and "distilled" in proc.stdout
+
+    # Each job recorded its overrides, so the same sweep again skips all five instead of training again.
+    assert "paradigm=online" in online["overrides"]
+    before = {job.name: (job / "metrics.json").stat().st_mtime_ns for job in jobs.values()}
+    again = kdrun(*sweep)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("completed earlier with these overrides (metrics.json); skipping it") == 5
+    assert {job.name: (job / "metrics.json").stat().st_mtime_ns for job in jobs.values()} == before
 
 
 def test_cli_rejects_bad_paradigm_settings_in_one_line(kdrun):

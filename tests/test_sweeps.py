@@ -150,8 +150,10 @@ def test_failed_jobs_of_this_sweep_only(tmp_path):
     os.utime(tmp_path / "0_T=1" / "metrics.json", (old, old))
     since = time.time() - 5
     _write(tmp_path / "1_T=4" / "metrics.json", {"status": "failed", "error": "loss became nan"})
-    _write(tmp_path / "2_T=8" / "metrics.json", {"status": "completed"})
-    assert failed_since(tmp_path, since) == ["1_T=4: loss became nan"]
+    _write(tmp_path / "2_T=8" / "metrics.json", {"status": "diverged", "error": "loss_kd is inf at step 7"})
+    _write(tmp_path / "3_T=16" / "metrics.json", {"status": "completed"})
+    assert failed_since(tmp_path, since) == ["1_T=4 failed: loss became nan",
+                                             "2_T=8 diverged: loss_kd is inf at step 7"]
 
 
 # --- resume=true for a sweep --------------------------------------------------------------------------

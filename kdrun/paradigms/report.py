@@ -68,6 +68,7 @@ def header(ctx: RunContext) -> dict:
         "alpha": cfg.alpha,
         "seed": cfg.seed,
         "device": str(ctx.device),
+        "overrides": list(ctx.overrides),  # a re-run sweep skips a job completed with the same ones
     }
 
 
