@@ -14,7 +14,7 @@ TINY = [
     "dataset=synthetic", "dataset.image_size=16", "dataset.train_size=320", "dataset.test_size=64",
     "teacher.name=cifar:resnet14", "student.name=cifar:resnet8", "epochs=4", "batch_size=32",
     "optim=sgd", "lr=0.05",
-    "progress=false",
+    "progress=false", "tb_figures=0",  # figures cost ~0.4 s each; the tests that check them ask for them
 ]
 
 

@@ -29,7 +29,7 @@ def sweep(request, tmp_path_factory):
     cwd = tmp_path_factory.mktemp(f"methods_{request.param}")
     proc = run_kdrun(["-m", f"distill={','.join(METHODS)}", f"teacher.name={teacher}", f"student.name={student}",
                       "dataset=synthetic", "dataset.image_size=32", "dataset.train_size=64", "dataset.test_size=32",
-                      "epochs=1", "batch_size=32", "baseline=false", "progress=false",
+                      "epochs=1", "batch_size=32", "baseline=false", "progress=false", "tb_figures=0",
                       f"hydra.sweep.dir={cwd / 'sweep'}"], cwd, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = {}
