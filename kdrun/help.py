@@ -15,6 +15,8 @@ GROUPS = {
     "optim": "optimizer",
     "sched": "learning-rate schedule",
     "experiment": "a published recipe that sets the values above (the CIFAR-100 pairs of the literature)",
+    "recipe": "a training recipe alone (epochs, optimizer, schedule) for any pair: +recipe=cifar100",
+    "hparams_search": "an Optuna search space, with -m (needs pip install \"kdrun[optuna]\")",
 }
 
 TOP_LEVEL = [

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kdrun import __version__
 from kdrun.config import validate
 from kdrun.data import build_dataset, describe
+from kdrun.distill import needs_strong_view
 from kdrun.engine import distributed
 from kdrun.engine.evaluate import predict
 from kdrun.engine.precision import build_speed
@@ -24,6 +25,7 @@ from kdrun.paradigms import paradigm_name, run_paradigm, unread_settings
 from kdrun.seeding import seed_everything
 from kdrun.run_files import METRICS_FILE, has_checkpoint, write_json_atomic
 from kdrun.stages import RunContext, distill_student, obtain_baseline, obtain_teacher
+from kdrun.summary_table import model_table
 from kdrun.tblog import write_run_summary
 
 log = logging.getLogger("kdrun")
@@ -67,6 +69,9 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
         from kdrun.engine.teacher_cache import check_cacheable
 
         check_cacheable(data.train, data.name)  # before any stage trains
+        if needs_strong_view(OmegaConf.to_container(cfg.distill, resolve=True)):
+            raise KdrunError("teacher.cache=true cannot serve mlkd's strong views (new random images every step): "
+                             "pass teacher.cache=false, or distill.terms.mlkd.augment=false")
     log.info("dataset %s; device %s; kdrun %s", describe(data), device, __version__)
     ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress) and distributed.is_main(), speed,
                      list(overrides or []))
@@ -135,15 +140,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
 
 
 def result_table(metrics: dict) -> str:
-    rows = [("teacher", metrics["teacher"]), ("baseline", metrics["baseline"]), ("distilled", metrics["student"])]
-    width = max(len(m["name"]) for _, m in rows if m) + 2
-    lines = [f"{'':10}{'model':{width}}{'top-1':>8}{'top-5':>8}{'NLL':>7}{'ECE':>7}{'params':>9}{'MFLOPs':>9}"
-             f"{'latency':>10}"]
-    for label, m in rows:
-        if m:
-            lines.append(f"{label:10}{m['name']:{width}}{100 * m['top1']:7.2f}%{100 * m['top5']:7.2f}%"
-                         f"{m['nll']:7.3f}{100 * m['ece']:6.2f}%"
-                         f"{m['params'] / 1e6:8.2f}M{m['flops'] / 1e6:9.1f}{m['latency_ms']:8.2f}ms")
+    lines = model_table([("teacher", metrics["teacher"]), ("baseline", metrics["baseline"]),
+                         ("distilled", metrics["student"])])
     if metrics["gain_over_baseline"] is not None:
         lines.append(f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
                      f"(T={metrics['T']}, alpha={metrics['alpha']}, {metrics['method']})")

@@ -16,6 +16,7 @@ from torch import nn
 
 from kdrun.config import stage_epochs, stage_lr
 from kdrun.data import DataBundle
+from kdrun.data.strong_view import strong_view_for
 from kdrun.distill import build_loss, hard_label_loss, needs_features
 from kdrun.engine import distributed
 from kdrun.engine.cache import CacheEntry, stage_key
@@ -121,7 +122,7 @@ def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float, re
     try:
         result = train(stage, model, loss, ctx.data.train, ctx.data.test,
                        teacher=teacher if loss.needs_teacher else None, resume=resume, features=pairing,
-                       on_epoch=figures, teacher_outputs=outputs)
+                       on_epoch=figures, teacher_outputs=outputs, strong_view=strong_view_for(loss, ctx.data))
     finally:
         writer.close()
     return StageOutcome(model, "trained", str(ctx.run_dir / "checkpoints" / "last.pt"), result)

@@ -30,6 +30,20 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+# Measurements of time, not results: wall-clock seconds of the run and of each epoch, and the
+# timed inference speed (latency, throughput, and speedup, their ratio). They vary from run to run
+# on any machine; every other value of metrics.json must be identical between equivalent runs.
+TIMED_KEYS = {"seconds", "latency_ms", "throughput", "speedup"}
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMED_KEYS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
 @pytest.fixture
 def kdrun(tmp_path):
     """Call as kdrun(*args): runs kdrun in tmp_path and returns the completed process."""

@@ -1,25 +1,11 @@
 """`seed=` fixes everything kdrun controls; a torn checkpoint or cache entry costs an epoch, not the run."""
 import pytest
 
-from conftest import TINY, read_metrics, run_kdrun
+from conftest import TINY, read_metrics, run_kdrun, without_timings
 
 pytestmark = pytest.mark.slow
 
 ARGS = [*TINY, "epochs=2", "student.epochs=3", "baseline=false", "seed=7", "hydra.run.dir=run"]
-
-# Measurements of time, not results: wall-clock seconds of the run and of each epoch, and the
-# timed inference speed (latency, throughput, and speedup, their ratio). They vary from run to run
-# on any machine; every other value must be identical.
-TIMED_KEYS = {"seconds", "latency_ms", "throughput", "speedup"}
-
-
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMED_KEYS}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):

@@ -1,4 +1,5 @@
 """Divergence: a non-finite loss stops the stage at its step, before any checkpoint holds it."""
+import csv
 import math
 
 import pytest
@@ -107,3 +108,7 @@ def test_sweep_goes_on_after_a_diverged_job_and_names_it(kdrun, tmp_path, teache
     summary = proc.stderr.strip().splitlines()[-1]
     assert summary.startswith("kdrun: error: 1 sweep job(s) did not complete: 0_sched.gamma=100000000.0 diverged: "
                               "student diverged in epoch 2/2"), summary
+    # The sweep report (written by the multirun callback) shows it too.
+    with (tmp_path / "sweep" / "summary.csv").open() as table:
+        statuses = {row["paths"]: row["status"] for row in csv.DictReader(table)}
+    assert statuses == {"0_sched.gamma=100000000.0": "diverged", "1_sched.gamma=0.5": "completed"}

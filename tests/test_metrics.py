@@ -35,6 +35,19 @@ def test_identical_models_agree_fully_with_zero_kl():
     assert flipped["agreement"] == 0.0 and flipped["kl_t1"] > 0
 
 
+def test_kl_at_t1_and_at_t_by_hand():
+    # Sample 0: teacher (0.8, 0.2), student (0.4, 0.6): they disagree. Sample 1: identical, KL 0, agree.
+    teacher = torch.log(torch.tensor([[0.8, 0.2], [0.3, 0.7]]))
+    student = torch.log(torch.tensor([[0.4, 0.6], [0.3, 0.7]]))
+    m = fidelity_metrics(student, teacher, T=2.0)
+    assert m["agreement"] == pytest.approx(0.5)
+    assert m["kl_t1"] == pytest.approx((0.8 * math.log(0.8 / 0.4) + 0.2 * math.log(0.2 / 0.6)) / 2, rel=1e-5)
+    # At T=2, softmax(log p / 2) is proportional to sqrt(p); no T^2 factor in the metric.
+    t2 = [math.sqrt(0.8) / (math.sqrt(0.8) + math.sqrt(0.2)), math.sqrt(0.2) / (math.sqrt(0.8) + math.sqrt(0.2))]
+    s2 = [math.sqrt(0.4) / (math.sqrt(0.4) + math.sqrt(0.6)), math.sqrt(0.6) / (math.sqrt(0.4) + math.sqrt(0.6))]
+    assert m["kl_T"] == pytest.approx(sum(t * math.log(t / s) for t, s in zip(t2, s2)) / 2, rel=1e-5)
+
+
 def test_flops_of_linear_and_conv_layers_follow_the_formula():
     linear = nn.Linear(20, 10)
     assert count_flops(linear, (20,), torch.device("cpu")) == 2 * 20 * 10

@@ -287,7 +287,8 @@ def test_crd_memory_banks_are_buffers_updated_at_the_batch_indices():
 
 def test_crd_is_the_symmetric_softmax_contrast_over_one_negative():
     # With two samples the single negative of each sample is the other one: the loss is deterministic.
-    term = CRDTerm(FeatureShapes(student_dim=3, teacher_dim=5, num_samples=2), feat_dim=4, nce_t=0.5).eval()
+    term = CRDTerm(FeatureShapes(student_dim=3, teacher_dim=5, num_samples=2), feat_dim=4, nce_t=0.5,
+                   objective="infonce").eval()
     assert term.nce_k == 1
     s, t = STUDENT[:2], TEACHER[:2]
     ms, mt = rows(term.memory_student), rows(term.memory_teacher)
@@ -308,6 +309,42 @@ def test_crd_is_the_symmetric_softmax_contrast_over_one_negative():
     expected = info_nce(embedded(s, term.embed_student), mt) + info_nce(embedded(t, term.embed_teacher), ms)
     loss = term(context(s, t, indices=torch.tensor(positions)))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_crd_nce_objective_follows_the_paper_with_z_fixed_on_the_first_batch():
+    # Two samples: the single negative of each is the other one (deterministic). Paper eq. 19, P_n = 1/N, M = 1.
+    term = CRDTerm(FeatureShapes(student_dim=3, teacher_dim=5, num_samples=2), feat_dim=4, nce_t=0.5).eval()
+    assert term.objective == "nce" and term.nce_k == 1
+    s, t = STUDENT[:2], TEACHER[:2]
+    ms, mt = rows(term.memory_student), rows(term.memory_teacher)
+
+    def embedded(x, linear):
+        z = (x @ linear.weight.detach().t() + linear.bias.detach()).tolist()
+        return [[v / math.sqrt(dot(r, r)) for v in r] for r in z]
+
+    positions = [1, 0]
+
+    def nce(anchors, memory):
+        scores = [[math.exp(dot(z, memory[i]) / 0.5), math.exp(dot(z, memory[1 - i]) / 0.5)]
+                  for z, i in zip(anchors, positions)]
+        z_const = 2 * sum(sum(row) for row in scores) / 4  # N * mean over the batch's 2 x 2 scores
+        noise = 1 / 2                                     # M * P_n
+        total = 0.0
+        for positive, negative in scores:
+            h_pos, h_neg = positive / z_const, negative / z_const
+            total += math.log(h_pos / (h_pos + noise + 1e-7)) + math.log(noise / (h_neg + noise + 1e-7))
+        return -total / len(anchors), z_const
+
+    expected_s, z_s = nce(embedded(s, term.embed_student), mt)
+    expected_t, z_t = nce(embedded(t, term.embed_teacher), ms)
+    loss = term(context(s, t, indices=torch.tensor(positions)))
+    assert loss.item() == pytest.approx(expected_s + expected_t, rel=1e-5)
+    assert term.nce_z.tolist() == pytest.approx([z_s, z_t], rel=1e-5)
+    # Z stays fixed afterwards, and is part of the state saved in checkpoints.
+    term(context(s * 2, t, indices=torch.tensor(positions)))
+    assert term.nce_z.tolist() == pytest.approx([z_s, z_t], rel=1e-5) and "nce_z" in term.state_dict()
+    with pytest.raises(KdrunError, match="objective=nc must be nce"):
+        CRDTerm(SHAPES, objective="nc")
 
 
 def test_crd_clamps_nce_k_and_samples_other_indices():

@@ -50,7 +50,7 @@ def seed_sweep(tmp_path):
     make_run(root, "2_T=4,seed=0", [*common, "T=4", "seed=0"], metrics(0.70))
     make_run(root, "3_T=4,seed=1", [*common, "T=4", "seed=1"], metrics(0.80))
     make_run(root, "4_T=8,seed=0", [*common, "T=8", "seed=0"],
-             {"status": "failed", "error": "student: loss_kd became nan at step 7; lower lr (now 0.05)"})
+             {"status": "diverged", "error": "student diverged in epoch 1/2: loss_kd=nan at step 7; lower the lr"})
     make_run(root, "5_T=8,seed=1", [*common, "T=8", "seed=1"],
              log="[12:00:00] dataset ...\n[12:00:01] job failed: batch_size=999 is larger than the training set\n")
     make_run(root, "10_T=2,seed=0", [*common, "T=2", "seed=0"])
@@ -96,7 +96,7 @@ def test_table_csv_markdown_and_plot_of_a_seed_sweep(seed_sweep):
 
     markdown = (seed_sweep / "summary.md").read_text()
     assert "| T | seeds | teacher (%) |" in markdown and "| 1 | 0,1 | 90.00+-0.00 |" in markdown
-    assert "- `4_T=8,seed=0`: diverged: student: loss_kd became nan" in markdown
+    assert "- `4_T=8,seed=0`: diverged: student diverged in epoch 1/2: loss_kd=nan at step 7" in markdown
     assert_png(seed_sweep / "student_top1_vs_T.png")
 
 

@@ -78,6 +78,30 @@ def mlkd_reference(student, teacher, temperatures, weights):
     return total
 
 
+def mlkd_augmented_reference(s_weak, t_weak, s_strong, t_strong, temperatures, weights):
+    """MLKD with prediction augmentation: weak-view levels masked by the teacher's confidence at T=1
+    (samples and classes at or below the median), plus the strong view's unmasked instance term."""
+    n, k = len(t_weak), len(t_weak[0])
+    p1 = [softmax(row) for row in t_weak]
+    confidence = [max(p) for p in p1]
+    keep = [c <= statistics.median(confidence) for c in confidence]
+    class_confidence = [sum(p[a] for p in p1) for a in range(k)]
+    keep_class = [c <= statistics.median(class_confidence) for c in class_confidence]
+    total = 0.0
+    for T in temperatures:
+        p_s = [softmax(row, T) for row in s_weak]
+        p_t = [softmax(row, T) for row in t_weak]
+        instance = T * T * sum(kl(p_t[i], p_s[i]) for i in range(n) if keep[i]) / n
+        batch = sum((dot(p_t[i], p_t[j]) - dot(p_s[i], p_s[j])) ** 2
+                    for i in range(n) if keep[i] for j in range(n)) / n
+        class_t = [[sum(p[a] * p[b] for p in p_t) for b in range(k)] for a in range(k)]
+        class_s = [[sum(p[a] * p[b] for p in p_s) for b in range(k)] for a in range(k)]
+        classes = sum((class_t[a][b] - class_s[a][b]) ** 2 for a in range(k) if keep_class[a] for b in range(k)) / k
+        strong = T * T * sum(kl(softmax(t, T), softmax(s, T)) for s, t in zip(s_strong, t_strong)) / n
+        total += weights[0] * (instance + strong) + weights[1] * batch + weights[2] * classes
+    return total
+
+
 def zscore(values):
     """Per-sample z-score with the sample (K - 1) standard deviation, as the authors' code."""
     mean, std = statistics.mean(values), statistics.stdev(values)
@@ -193,6 +217,54 @@ def test_mlkd_is_zero_for_identical_logits_and_rejects_bad_temperatures():
             build_loss({"terms": {"mlkd": {"type": "mlkd", "temperatures": temperatures}}})
 
 
+STRONG_STUDENT = [[1.0, 0.0, 0.5, -0.5], [0.0, 2.0, 1.0, 0.0], [1.5, -1.0, 0.0, 0.5]]
+STRONG_TEACHER = [[2.0, 0.0, 1.0, 0.0], [-0.5, 2.5, 0.5, 0.0], [1.0, 0.0, -1.0, 2.0]]
+
+
+def augmented_context(student=STUDENT, teacher=TEACHER, strong_student=STRONG_STUDENT, strong_teacher=STRONG_TEACHER):
+    ctx = context(student, teacher, TARGETS)
+    ctx.student_logits_strong = torch.tensor(strong_student)
+    ctx.teacher_logits_strong = torch.tensor(strong_teacher)
+    return ctx
+
+
+def test_mlkd_prediction_augmentation_matches_the_masked_reference():
+    term = MLKDTerm(temperatures=[2, 4], instance_weight=1.0, batch_weight=2.0, class_weight=0.5, augment=True)
+    expected = mlkd_augmented_reference(STUDENT, TEACHER, STRONG_STUDENT, STRONG_TEACHER, [2.0, 4.0], (1.0, 2.0, 0.5))
+    assert term(augmented_context()).item() == pytest.approx(expected, rel=1e-5)
+    # The masks matter: the unmasked one-view loss plus the strong instance term is a different number.
+    unmasked = mlkd_reference(STUDENT, TEACHER, [2.0, 4.0], (1.0, 2.0, 0.5))
+    assert abs(expected - unmasked) > 1e-3
+
+
+def test_mlkd_augmented_is_zero_when_the_student_copies_the_teacher_on_both_views():
+    ctx = augmented_context(student=TEACHER, strong_student=STRONG_TEACHER)
+    assert MLKDTerm(augment=True)(ctx).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(KdrunError, match="augment=false"):  # no strong view computed
+        MLKDTerm(augment=True)(context(STUDENT, TEACHER))
+
+
+def test_cross_entropy_covers_the_strong_view_when_there_is_one():
+    from kdrun.distill.response import CrossEntropyTerm
+
+    def ce(rows):
+        return -sum(math.log(softmax(row)[y]) for row, y in zip(rows, TARGETS)) / len(rows)
+
+    assert CrossEntropyTerm()(context(STUDENT, TEACHER, TARGETS)).item() == pytest.approx(ce(STUDENT), rel=1e-6)
+    assert CrossEntropyTerm()(augmented_context()).item() == pytest.approx(ce(STUDENT) + ce(STRONG_STUDENT), rel=1e-6)
+
+
+def test_mlkd_config_asks_for_the_strong_view_by_default():
+    from kdrun.distill import needs_strong_view
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["distill=mlkd"])
+        off = compose(config_name="config", overrides=["distill=mlkd", "distill.terms.mlkd.augment=false"])
+    for config, wanted in ((cfg, True), (off, False)):
+        distill = OmegaConf.to_container(config.distill, resolve=True)
+        assert needs_strong_view(distill) is wanted and build_loss(distill).needs_strong_view is wanted
+
+
 # --- logit standardization ----------------------------------------------------------------------------
 
 def test_kd_with_logit_standardization_matches_manual_zscore():
@@ -255,11 +327,14 @@ def test_method_presets_compose_and_build(method):
     assert loss.needs_teacher
     torch.manual_seed(0)
     student = torch.randn(16, 10, requires_grad=True)
+    strong = torch.randn(16, 10, requires_grad=True)  # a strong view, as MLKD's augmentation makes
     total, parts = loss(StepContext(student, torch.randint(0, 10, (16,)), torch.arange(16),
-                                    torch.randn(16, 10), epoch=30))
+                                    torch.randn(16, 10), epoch=30, student_logits_strong=strong,
+                                    teacher_logits_strong=torch.randn(16, 10)))
     assert set(parts) == {"ce", method} and torch.isfinite(total)
     total.backward()
     assert torch.isfinite(student.grad).all()
+    assert torch.isfinite(strong.grad).all()  # the cross-entropy term trains on it too
     if method != "mlkd":  # MLKD keeps its own list of temperatures
         assert loss.terms[method].T == 2.0
 

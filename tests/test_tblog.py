@@ -209,8 +209,18 @@ def test_printed_summary_has_nll_ece_and_the_fidelity_line():
     assert "NLL" in header and "ECE" in header
     assert header.index("NLL") < header.index("ECE") < header.index("params")
     assert "0.123" in student and "4.50%" in student and "5.00%" in teacher
+    assert header.split()[-3:] == ["MFLOPs", "latency", "img/s"]
+    assert teacher.split()[-3:] == ["0.0", "3.60ms", "500"]  # 2,000 FLOPs; latency at batch 1; throughput
     assert gain.startswith("gain over baseline: +5.00 points")
     assert fidelity == ("student vs teacher: agreement 95.00%, KL(T=1) 0.1000, KL(T=4) 0.0200, retained 94.4%, "
                         "compression 2.50x, speed-up 1.80x")
     no_baseline = result_table({**sample_metrics(baseline=False), "retained": None})
     assert "gain over baseline" not in no_baseline and "retained n/a" in no_baseline
+
+
+def test_summary_rows_print_a_dash_for_what_a_model_lacks():
+    from kdrun.summary_table import model_table
+
+    combined = {k: v for k, v in model_metrics(0.5, name="mean of 2 teachers").items() if k != "latency_ms"}
+    header, row = model_table([("teacher", combined), ("baseline", None)])
+    assert row.split()[-3:] == ["0.0", "-", "500"] and len(header) == len(row)

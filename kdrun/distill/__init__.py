@@ -45,6 +45,10 @@ class DistillLoss(nn.Module):
     def needs_features(self) -> bool:
         return any(getattr(term, "needs_features", False) for term in self.terms.values())
 
+    @property
+    def needs_strong_view(self) -> bool:
+        return any(getattr(term, "needs_strong_view", False) for term in self.terms.values())
+
     def forward(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         values = {name: term(ctx) for name, term in self.terms.items()}
         total = sum(self.weights[name] * value for name, value in values.items())
@@ -67,6 +71,12 @@ def _term_specs(distill_cfg: Mapping[str, Any]) -> list[tuple[str, type[nn.Modul
     if all(weight == 0 for *_, weight in specs):
         raise KdrunError("every loss term has weight 0: give at least one distill term a positive weight")
     return specs
+
+
+def needs_strong_view(distill_cfg: Mapping[str, Any]) -> bool:
+    """Whether any weighted term asks for a strongly augmented second view (MLKD's `augment`)."""
+    return any(weight and getattr(cls, "takes_strong_view", False) and bool(options.get("augment", False))
+               for _, cls, options, weight in _term_specs(distill_cfg))
 
 
 def needs_features(distill_cfg: Mapping[str, Any]) -> bool:
@@ -99,4 +109,5 @@ def hard_label_loss() -> DistillLoss:
 
 
 __all__ = ["DistillLoss", "FeatureShapes", "StepContext", "build_loss", "hard_label_loss", "needs_features",
+           "needs_strong_view",
            "TERM_TYPES"]

@@ -24,6 +24,10 @@ class StepContext:
     # Filled when the student or the teacher is a kdrun.engine.group.ModelGroup, one (B, K) tensor per member:
     peer_logits: Optional[list[torch.Tensor]] = None            # student peers, with gradients (online)
     teacher_group_logits: Optional[list[torch.Tensor]] = None   # teachers, no gradients (multi-teacher)
+    # Filled when a term sets needs_strong_view (MLKD's prediction augmentation): both models' logits
+    # on a strongly augmented view of the same images (kdrun/data/strong_view.py).
+    student_logits_strong: Optional[torch.Tensor] = None
+    teacher_logits_strong: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -238,13 +238,15 @@ class CRDTerm(nn.Module):
     h(t, s) = exp(g^T(t)'g^S(s) / tau) scores the positive pair (same sample) against N negatives
     drawn from a memory bank of embeddings computed in earlier steps.
 
-    Variant: the softmax (InfoNCE) form of the bound, a (1 + nce_k)-way cross-entropy at temperature
-    `nce_t` = 0.07,
-        L = -log [ exp(z_i'm_i / tau) / (exp(z_i'm_i / tau) + sum_{k=1..K} exp(z_i'm_{n_k} / tau)) ],
-    instead of the paper's NCE loss with a normalization constant Z estimated on the first batch:
-    same critic and memory, no Z to estimate, numerically safer. As in the authors' code the loss is
-    symmetric: the student anchor against the teacher memory (trains the student and g^S) plus the
-    teacher anchor against the student memory (trains g^T; the teacher network itself is frozen).
+    Objective (`objective`, default `nce`, the paper's eq. 19 and its code): with M = nce_k negatives,
+    P_n = 1 / num_samples and h = exp(z'm / tau) / Z, Z = num_samples * mean(exp(z'm / tau)) estimated on
+    the first training batch and then fixed (kept in the checkpoint),
+        L = -(1/B) sum_i [ log(h_i+ / (h_i+ + M P_n)) + sum_k log(M P_n / (h_ik + M P_n)) ].
+    `objective=infonce`: the softmax form, a (1 + M)-way cross-entropy at temperature tau,
+        L = -(1/B) sum_i log [ exp(z_i'm_i / tau) / sum_{c in {i, n_1..n_M}} exp(z_i'm_c / tau) ],
+    no Z to estimate. As in the authors' code the loss is symmetric: the student anchor against the
+    teacher memory (trains the student and g^S) plus the teacher anchor against the student memory
+    (trains g^T; the teacher network itself is frozen).
 
     Memory: one (num_samples, feat_dim) bank per side, registered as buffers (saved in checkpoints),
     row i updated after each training-mode forward as normalize(momentum * m_i + (1 - momentum) * z_i)
@@ -258,8 +260,11 @@ class CRDTerm(nn.Module):
     needs_features = True
 
     def __init__(self, shapes: FeatureShapes, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
-                 momentum: float = 0.5):
+                 momentum: float = 0.5, objective: str = "nce"):
         super().__init__()
+        if objective not in ("nce", "infonce"):
+            raise KdrunError(f"distill.terms.crd.objective={objective} must be nce (the paper's) or infonce")
+        self.objective = objective
         if shapes.num_samples < 2:
             raise KdrunError(f"distill=crd needs a training set of at least 2 samples for its memory bank, got "
                              f"num_samples={shapes.num_samples}; build the loss through kdrun's runner")
@@ -276,6 +281,8 @@ class CRDTerm(nn.Module):
         self.embed_teacher = nn.Linear(shapes.teacher_dim, int(feat_dim))
         self.register_buffer("memory_student", random_unit_rows(self.num_samples, int(feat_dim)))
         self.register_buffer("memory_teacher", random_unit_rows(self.num_samples, int(feat_dim)))
+        # NCE's normalization constants Z, one per anchor side (student, teacher); -1 until estimated.
+        self.register_buffer("nce_z", torch.full((2,), -1.0))
 
     def sample_contrast(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, 1 + nce_k) memory rows: the sample itself first, then nce_k others drawn uniformly."""
@@ -283,12 +290,23 @@ class CRDTerm(nn.Module):
         others = others + (others >= indices.unsqueeze(1)).long()   # skip the positive: uniform over the rest
         return torch.cat([indices.unsqueeze(1), others], dim=1)
 
-    def contrast_loss(self, anchor: torch.Tensor, memory: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
-        """Softmax cross-entropy of each anchor over its (1 + nce_k) memory rows, the positive at column 0."""
+    def contrast_loss(self, anchor: torch.Tensor, memory: torch.Tensor, contrast: torch.Tensor,
+                      side: int) -> torch.Tensor:
+        """The objective of each anchor over its (1 + nce_k) memory rows, the positive at column 0."""
         batch, candidates = contrast.shape
         rows = memory.index_select(0, contrast.reshape(-1)).view(batch, candidates, -1).to(anchor.dtype)
         logits = torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / self.nce_t
-        return F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=anchor.device))
+        if self.objective == "infonce":
+            return F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=anchor.device))
+        scores = torch.exp(logits)
+        if self.nce_z[side] < 0:  # the first batch fixes Z, as in the authors' code
+            self.nce_z[side] = scores.detach().mean() * self.num_samples
+        h = scores / float(self.nce_z[side])  # a number: the buffer is written in place on the first batch
+        noise = self.nce_k / self.num_samples  # M * P_n
+        eps = 1e-7
+        log_positive = torch.log(h[:, 0] / (h[:, 0] + noise + eps))
+        log_negative = torch.log(noise / (h[:, 1:] + noise + eps))
+        return -(log_positive.sum() + log_negative.sum()) / batch
 
     @torch.no_grad()
     def update_memory(self, memory: torch.Tensor, indices: torch.Tensor, embedding: torch.Tensor) -> None:
@@ -305,8 +323,8 @@ class CRDTerm(nn.Module):
         indices = ctx.indices.to(device=self.memory_student.device, dtype=torch.long).flatten()
         contrast = self.sample_contrast(indices)
         # Both losses read the memory as it was before this batch; the update comes after.
-        loss = (self.contrast_loss(z_student, self.memory_teacher, contrast)
-                + self.contrast_loss(z_teacher, self.memory_student, contrast))
+        loss = (self.contrast_loss(z_student, self.memory_teacher, contrast, side=0)
+                + self.contrast_loss(z_teacher, self.memory_student, contrast, side=1))
         if self.training:
             self.update_memory(self.memory_student, indices, z_student.detach())
             self.update_memory(self.memory_teacher, indices, z_teacher.detach())

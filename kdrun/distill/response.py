@@ -1,7 +1,7 @@
 """Response-based terms: they compare the student's logits with labels or with the teacher's logits."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,10 @@ class CrossEntropyTerm(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
-        return F.cross_entropy(ctx.student_logits, ctx.targets, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(ctx.student_logits, ctx.targets, label_smoothing=self.label_smoothing)
+        if ctx.student_logits_strong is not None:  # MLKD's strong view is trained on the labels too
+            loss = loss + F.cross_entropy(ctx.student_logits_strong, ctx.targets, label_smoothing=self.label_smoothing)
+        return loss
 
 
 class KDTerm(nn.Module):
@@ -185,41 +188,65 @@ class DISTTerm(nn.Module):
 
 # --- MLKD (Jin, Wang & Lin, CVPR 2023) -----------------------------------------------------------------
 
-def mlkd_levels(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                T: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mlkd_levels(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
+                sample_mask: Optional[torch.Tensor] = None,
+                class_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(instance, batch, class) alignment losses of Multi-Level Logit Distillation at one temperature.
 
     Jin et al., "Multi-Level Logit Distillation", CVPR 2023, with P = softmax(logits / T), (B, K):
         instance = T^2 * batch-mean KL(P^T[i] || P^S[i])
         batch    = ||P^T P^T' - P^S P^S'||_F^2 / B    (B x B sample-similarity Gram matrices)
         class    = ||P^T' P^T - P^S' P^S||_F^2 / K    (K x K class-correlation matrices)
-    The two matrix terms carry no T^2 factor, as in the authors' code.
+    The two matrix terms carry no T^2 factor, as in the authors' code. `sample_mask` (B,) keeps the
+    samples (instance terms, rows of the batch matrix) and `class_mask` (K,) the classes (rows of the
+    class matrix) that count; the sums are still divided by B and K.
     """
-    instance = kd_divergence(student_logits, teacher_logits, T)
     p_s = F.softmax(student_logits / T, dim=1)
     p_t = F.softmax(teacher_logits / T, dim=1)
     batch_size, num_classes = p_s.shape
-    batch = (p_t @ p_t.t() - p_s @ p_s.t()).pow(2).sum() / batch_size
-    classes = (p_t.t() @ p_t - p_s.t() @ p_s).pow(2).sum() / num_classes
-    return instance, batch, classes
+    kl = (p_t * (F.log_softmax(teacher_logits / T, dim=1) - F.log_softmax(student_logits / T, dim=1))).sum(1)
+    batch_rows = (p_t @ p_t.t() - p_s @ p_s.t()).pow(2).sum(1)
+    class_rows = (p_t.t() @ p_t - p_s.t() @ p_s).pow(2).sum(1)
+    if sample_mask is not None:
+        kl, batch_rows = kl * sample_mask, batch_rows * sample_mask
+    if class_mask is not None:
+        class_rows = class_rows * class_mask
+    return T * T * kl.sum() / batch_size, batch_rows.sum() / batch_size, class_rows.sum() / num_classes
+
+
+def confidence_masks(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLKD's masks from the teacher's weak-view prediction P = softmax(z) (T = 1), as in the authors' code:
+    samples whose top probability, and classes whose summed probability over the batch, is at most
+    the batch median (linear-interpolated, as numpy's percentile 50)."""
+    probabilities = F.softmax(teacher_logits.detach().float(), dim=1)
+    confidence = probabilities.max(dim=1).values
+    class_confidence = probabilities.sum(dim=0)
+    return ((confidence <= torch.quantile(confidence, 0.5)).to(teacher_logits.dtype),
+            (class_confidence <= torch.quantile(class_confidence, 0.5)).to(teacher_logits.dtype))
 
 
 class MLKDTerm(nn.Module):
     """Multi-level logit distillation, summed over several temperatures (Jin et al., CVPR 2023).
 
+    Without augmentation, on the one view the trainer gives:
         loss = sum_T [instance_weight * instance(T) + batch_weight * batch(T) + class_weight * class(T)]
-
-    As in the paper and its code, the temperatures are summed, so listing more of them weighs the
-    term more. The paper's prediction
-    augmentation (weak/strong views) and confidence masking are left out: they need two views of
-    each image, which a loss term does not see.
+    With `augment` (the paper's prediction augmentation) the trainer adds a strong view of every image
+    (kdrun/data/strong_view.py) and
+        loss = sum_T [instance_weight * (instance_weak(T, masked) + instance_strong(T))
+                      + batch_weight * batch_weak(T, masked) + class_weight * class_weak(T, class-masked)]
+    with the confidence masks of `confidence_masks`; the cross-entropy term then covers both views.
+    These are the terms the authors' code adds up (its strong-view class and batch terms are computed
+    but left out of the loss). Their code multiplies each batch-mean loss by the fraction of kept
+    samples; kdrun masks sample by sample, as the paper describes.
+    As in the paper and its code, the temperatures are summed, so listing more of them weighs the term more.
     """
 
     needs_teacher = True
+    takes_strong_view = True   # when built with augment=True
 
     def __init__(self, temperatures: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0),
                  instance_weight: float = 1.0, batch_weight: float = 1.0, class_weight: float = 1.0,
-                 logit_standardize: bool = False):
+                 logit_standardize: bool = False, augment: bool = False):
         super().__init__()
         self.temperatures = tuple(float(T) for T in temperatures)
         if not self.temperatures or min(self.temperatures) <= 0:
@@ -227,11 +254,31 @@ class MLKDTerm(nn.Module):
                              f"numbers, e.g. [2, 3, 4, 5, 6]")
         self.level_weights = (float(instance_weight), float(batch_weight), float(class_weight))
         self.logit_standardize = bool(logit_standardize)
+        self.needs_strong_view = bool(augment)
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
+        if self.needs_strong_view:
+            return self._augmented(ctx)
         student, teacher = logit_pair(ctx, self.logit_standardize)
         total = 0.0
         for T in self.temperatures:
             levels = mlkd_levels(student, teacher, T)
             total = total + sum(w * level for w, level in zip(self.level_weights, levels))
+        return total
+
+    def _augmented(self, ctx: StepContext) -> torch.Tensor:
+        if ctx.student_logits_strong is None or ctx.teacher_logits_strong is None:
+            raise KdrunError("mlkd with augment=true needs the strong view's logits, which this trainer did not "
+                             "compute: pass distill.terms.mlkd.augment=false")
+        sample_mask, class_mask = confidence_masks(ctx.teacher_logits)
+        weak_student, weak_teacher = logit_pair(ctx, self.logit_standardize)
+        strong_student, strong_teacher = ctx.student_logits_strong, ctx.teacher_logits_strong
+        if self.logit_standardize:
+            strong_student, strong_teacher = standardize_logits(strong_student), standardize_logits(strong_teacher)
+        w_instance, w_batch, w_class = self.level_weights
+        total = 0.0
+        for T in self.temperatures:
+            instance, batch, classes = mlkd_levels(weak_student, weak_teacher, T, sample_mask, class_mask)
+            strong_instance = kd_divergence(strong_student, strong_teacher, T)
+            total = total + w_instance * (instance + strong_instance) + w_batch * batch + w_class * classes
         return total

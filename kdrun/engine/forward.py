@@ -7,13 +7,14 @@ methods). Features are computed only when a term asks for them, in the same pass
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
 from kdrun.engine.group import ModelGroup, ensemble_logits
+from kdrun.errors import KdrunError
 
 
 @dataclass
@@ -42,6 +43,10 @@ class FeaturePairing:
             student_dim=s_emb.shape[1], teacher_dim=t_emb.shape[1], num_classes=num_classes, num_samples=num_samples)
 
 
+def _logits(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -50,12 +55,31 @@ class StepForward:
     """Runs the models for one batch and packs their outputs for the loss."""
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None,
-                 features: Optional[FeaturePairing] = None, teacher_outputs=None):
+                 features: Optional[FeaturePairing] = None, teacher_outputs=None,
+                 strong_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.student, self.teacher, self.features = student, teacher, features
         # kdrun.engine.teacher_cache.TeacherOutputs: when set, the teacher's outputs are read, not computed.
         self.teacher_outputs = teacher_outputs
+        # kdrun.data.strong_view.StrongView: when set, both models also see a strong view of each batch.
+        self.strong_view = strong_view
+        if strong_view is not None and (teacher_outputs is not None or teacher is None
+                                        or isinstance(teacher, ModelGroup) or isinstance(student, ModelGroup)):
+            raise KdrunError("mlkd's prediction augmentation needs one live teacher and one student (not "
+                             "teacher.cache, several teachers or peers): pass distill.terms.mlkd.augment=false")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, epoch: int) -> StepContext:
+        ctx = self._weak(images, labels, indices, epoch)
+        if self.strong_view is not None:
+            strong = self.strong_view(images)
+            student, teacher = self.student, self.teacher
+            if self.features is not None:  # the taps wrap the models and return (logits, maps, embedding)
+                student, teacher = self.features.student, self.features.teacher
+            with torch.no_grad():
+                ctx.teacher_logits_strong = _logits(teacher(strong))
+            ctx.student_logits_strong = _logits(student(strong))
+        return ctx
+
+    def _weak(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, epoch: int) -> StepContext:
         if self.features is not None:
             return self._with_features(images, labels, indices, epoch)
         teacher_logits = teacher_group = peers = None

@@ -83,11 +83,13 @@ def _set_rng_state(state: dict) -> None:
 def train(stage: Stage, model: nn.Module, loss: DistillLoss, train_set, val_set,
           teacher: Optional[nn.Module] = None, resume: bool = True,
           on_epoch: Optional[Callable[[int, dict], None]] = None,
-          features: Optional[FeaturePairing] = None, teacher_outputs=None) -> StageResult:
+          features: Optional[FeaturePairing] = None, teacher_outputs=None,
+          strong_view: Optional[Callable] = None) -> StageResult:
     """Train `model` with `loss`; save last.pt every epoch and best.pt at the best validation top-1.
 
     With `resume`, a last.pt already in the checkpoint dir is continued instead of starting over.
     With `teacher_outputs` (kdrun.engine.teacher_cache), the teacher's outputs are read, not computed.
+    With `strong_view` (kdrun.data.strong_view), both models also see a strong view of every batch (MLKD).
     In a torchrun launch every process trains its shard of each batch; rank 0 alone saves.
     """
     recipe, device = stage.recipe, stage.device
@@ -120,7 +122,8 @@ def train(stage: Stage, model: nn.Module, loss: DistillLoss, train_set, val_set,
         teacher.to(device).eval().requires_grad_(False)
         if teacher_outputs is None:
             stage.speed.prepare(features.teacher if features is not None else teacher)
-    step_forward = StepForward(model, teacher if loss.needs_teacher else None, features, teacher_outputs)
+    step_forward = StepForward(model, teacher if loss.needs_teacher else None, features, teacher_outputs,
+                               strong_view)
     train_step = distributed.wrap(TrainStep(step_forward, loss, stage.speed), device)
     epochs_bar = tqdm(range(start_epoch, recipe.epochs), desc=stage.name, unit="epoch",
                       disable=not stage.progress, initial=start_epoch, total=recipe.epochs)

@@ -12,6 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from kdrun.config import ModelConfig
+from kdrun.data.strong_view import strong_view_for
 from kdrun.distill import DistillLoss
 from kdrun.engine.checkpoint import FORMAT, save_atomic
 from kdrun.engine.trainer import Stage, StageResult, train
@@ -78,7 +79,7 @@ def train_stage(ctx: RunContext, label: str, model: nn.Module, loss: DistillLoss
     try:
         # resume=True continues only where a last.pt exists: an interrupted run rerun into its directory.
         return train(stage, model, loss, ctx.data.train, ctx.data.test, teacher=teacher, resume=True,
-                     on_epoch=on_epoch)
+                     on_epoch=on_epoch, strong_view=strong_view_for(loss, ctx.data))
     finally:
         if own_writer:
             writer.close()

@@ -16,6 +16,7 @@ from kdrun.metrics import classification_metrics
 from kdrun.paradigms.settings import paradigm_name
 from kdrun.run_files import METRICS_FILE, write_json_atomic
 from kdrun.stages import RunContext
+from kdrun.summary_table import model_table
 
 
 def test_logits(ctx: RunContext, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,13 +97,7 @@ def finish(ctx: RunContext, metrics: dict, started: float, rows: list[tuple[str,
 
 
 def table(rows: list[tuple[str, Optional[dict]]], footer: str = "") -> str:
-    rows = [(label, m) for label, m in rows if m]
-    label_width = max(10, *(len(label) + 2 for label, _ in rows))
-    width = max(len(m["name"]) for _, m in rows) + 2
-    lines = [f"{'':{label_width}}{'model':{width}}{'top-1':>8}{'top-5':>8}{'params':>9}{'MFLOPs':>9}{'latency':>10}"]
-    for label, m in rows:
-        lines.append(f"{label:{label_width}}{m['name']:{width}}{100 * m['top1']:7.2f}%{100 * m['top5']:7.2f}%"
-                     f"{m['params'] / 1e6:8.2f}M{m['flops'] / 1e6:9.1f}{m['latency_ms']:8.2f}ms")
+    lines = model_table(rows)
     if footer:
         lines.append(footer)
     return "\n".join(lines)
