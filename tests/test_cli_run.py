@@ -124,6 +124,8 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run):
     full_metrics, resumed_metrics = read_metrics(full), read_metrics(cut)
     assert resumed_metrics["history"][-1]["epoch"] == 6
     assert "resume=true" in resumed_metrics.pop("overrides") and "resume=true" not in full_metrics.pop("overrides")
+    # The uninterrupted run trained the 6-epoch baseline, the resumed one found it in the cache.
+    assert (full_metrics["baseline"].pop("source"), resumed_metrics["baseline"].pop("source")) == ("trained", "cache")
     # Everything but the clock: losses of every epoch, accuracies, NLL, ECE, agreement, KL, ...
     assert without_timings(resumed_metrics) == without_timings(full_metrics)
 

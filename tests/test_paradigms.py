@@ -186,6 +186,21 @@ def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, mo
     assert written["student"]["top1"] == written["generations"][-1]["top1"]
     assert written["gain_over_teacher"] == pytest.approx(written["student"]["top1"] - written["teacher"]["top1"])
     assert written["ensemble"]["params"] == 2 * written["student"]["params"]
+    # The ensemble's top-1 is that of the mean of the two saved generations' softmax outputs.
+    from kdrun.data import build_dataset
+    from kdrun.engine.evaluate import predict
+
+    cfg = compose_cfg(tmp_path, "paradigm=self")
+    data = build_dataset(cfg.dataset)
+    probabilities = []
+    for checkpoint in (run_dir / "gen1" / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt"):
+        model = create_model("cifar:resnet14", data.num_classes, data.in_chans)
+        model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
+        test_logits, test_labels = predict(model.eval(), data.test, 32, torch.device("cpu"))
+        probabilities.append(F.softmax(test_logits, dim=1))
+    mean_prediction = (probabilities[0] + probabilities[1]) / 2
+    expected = (mean_prediction.argmax(1) == test_labels).float().mean().item()
+    assert written["ensemble"]["top1"] == pytest.approx(expected)
     events = EventAccumulator(str(run_dir)).Reload()
     by_generation = {e.step: e.value for e in events.Scalars("generation/test_top1")}
     assert by_generation == pytest.approx({g["generation"]: g["top1"] for g in written["generations"]})
