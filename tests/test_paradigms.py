@@ -292,6 +292,15 @@ def test_teacher_paradigm_saves_a_teacher_that_offline_runs_reuse(kdrun, tmp_pat
                  "hydra.run.dir=loaded")
     assert proc.returncode == 0, proc.stderr
     assert read_metrics(tmp_path / "loaded")["teacher"]["top1"] == metrics["teacher"]["top1"]
+    # ... and as one of several teachers, given as a model config with its checkpoint.
+    saved_path = teacher_run / "checkpoints" / "last.pt"
+    proc = kdrun(*TINY_1, "paradigm=multi_teacher", "baseline=false",
+                 f"teachers=[{{name:'cifar:resnet14',checkpoint:'{saved_path}'}},'cifar:resnet8']", "hydra.run.dir=multi")
+    assert proc.returncode == 0, proc.stderr
+    multi = read_metrics(tmp_path / "multi")
+    assert [(t["name"], t["source"]) for t in multi["teachers"]] == [("cifar:resnet14", "checkpoint"),
+                                                                    ("cifar:resnet8", "trained")]
+    assert multi["teachers"][0]["top1"] == metrics["teacher"]["top1"]
 
 
 @pytest.mark.slow
