@@ -328,6 +328,19 @@ def test_every_other_paradigm_runs_from_the_cli(kdrun, tmp_path):
     assert len(online["history"][0]["peer_val_top1"]) == 2
     peer1 = torch.load(jobs["online"] / "checkpoints" / "peer1.pt", weights_only=True)
     assert peer1["model_name"] == "cifar:resnet8"
+    # Every peer trained: each saved peer moved away from its own start (seed + k), and stays closer to it
+    # than to the other peer's start (so the start is the one rebuilt here).
+    starts = []
+    for k in (0, 1):
+        torch.manual_seed(k)
+        starts.append(create_model("cifar:resnet8", 10, 3).state_dict())
+    for k in (0, 1):
+        trained = torch.load(jobs["online"] / "checkpoints" / f"peer{k}.pt", weights_only=True)["model"]
+
+        def distance(start):
+            return sum(float((trained[n].float() - v.float()).pow(2).sum()) for n, v in start.items()
+                       if v.is_floating_point())
+        assert 0 < distance(starts[k]) < distance(starts[1 - k]), k
     tags = set(EventAccumulator(str(jobs["online"])).Reload().Tags()["scalars"])
     assert {"epoch/peer0_val_top1", "epoch/peer1_val_top1", "train/loss_peer1_kl", "test/peer1_top1"} <= tags
 
