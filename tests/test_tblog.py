@@ -224,3 +224,38 @@ def test_summary_rows_print_a_dash_for_what_a_model_lacks():
     combined = {k: v for k, v in model_metrics(0.5, name="mean of 2 teachers").items() if k != "latency_ms"}
     header, row = model_table([("teacher", combined), ("baseline", None)])
     assert row.split()[-3:] == ["0.0", "-", "500"] and len(header) == len(row)
+
+
+def test_soft_target_panels_show_the_teachers_top_classes_at_t1_at_t_and_the_student():
+    import math
+
+    import numpy as np
+    from matplotlib.colors import to_rgba
+
+    from kdrun.plots import TOP_CLASSES, SoftTargetFigure
+
+    teacher_logits = [0.3 * ((7 * c) % 12) for c in range(12)]   # 12 classes, a scrambled order
+    student_logits = [0.1 * c for c in range(12)]
+    T = 4.0
+
+    def softmax(values, t):
+        exps = [math.exp(v / t) for v in values]
+        return torch.tensor([e / sum(exps) for e in exps])
+
+    t1, soft, student = softmax(teacher_logits, 1.0), softmax(teacher_logits, T), softmax(student_logits, T)
+    top = sorted(range(12), key=lambda c: -teacher_logits[c])[:TOP_CLASSES]
+    label = top[2]
+    figure = SoftTargetFigure(np.zeros((8, 8)), label, [f"class{c}" for c in range(12)], t1, soft, T)
+    figure.render(student, epoch=3)
+    _, t1_axes, soft_axes, student_axes = figure.canvas.figure.axes
+
+    def heights(axes):
+        return [bar.get_height() for bar in axes.patches]
+
+    assert heights(t1_axes) == pytest.approx([float(t1[c]) for c in top])          # the teacher's top 10, largest first
+    assert heights(soft_axes) == pytest.approx([float(soft[c]) for c in top])      # the same classes at T
+    assert heights(student_axes) == pytest.approx([float(student[c]) for c in top])
+    assert max(heights(soft_axes)) < max(heights(t1_axes))                         # softer at T > 1
+    orange = to_rgba("tab:orange")
+    assert [bar.get_facecolor() == orange for bar in t1_axes.patches] == [c == label for c in top]
+    assert student_axes.get_title() == "student, T=4 (epoch 3)"
