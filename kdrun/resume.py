@@ -7,6 +7,8 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from kdrun.run_files import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
+
 IGNORED_KEYS = ("resume", "progress")
 
 
@@ -26,7 +28,8 @@ def find_resumable_run(run_dir: Path, overrides: list[str]) -> Optional[Path]:
     runs_root = run_dir.parent.parent
     wanted = _comparable(overrides)
     # last.prev.pt alone counts too: it is what is left when last.pt was found unreadable.
-    checkpoints = [*runs_root.glob("*/*/checkpoints/last.pt"), *runs_root.glob("*/*/checkpoints/last.prev.pt")]
+    checkpoints = [path for name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT)
+                   for path in runs_root.glob(f"*/*/checkpoints/{name}")]
     for last in sorted(checkpoints, key=lambda p: p.stat().st_mtime, reverse=True):
         candidate = last.parent.parent
         if candidate == run_dir or _finished(candidate):

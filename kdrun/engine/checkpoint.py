@@ -110,8 +110,9 @@ def load_model_weights(model: nn.Module, path: str | Path, option: str, model_na
 
 def model_in_chans(model: nn.Module) -> int:
     """Input channels: those of the first convolution's weight (every model kdrun builds has one)."""
-    key = _stem_key(model.state_dict())
-    return int(model.state_dict()[key].shape[1]) if key else -1
+    state = model.state_dict()
+    key = _stem_key(state)
+    return int(state[key].shape[1]) if key else -1
 
 
 def _stem_key(state: Mapping[str, torch.Tensor]) -> str:

@@ -18,6 +18,7 @@ from typing import Iterable, Optional
 import torch
 
 from kdrun.errors import DivergedError
+from kdrun.run_files import LAST_CHECKPOINT
 
 
 class LossWatch:
@@ -87,7 +88,7 @@ class Where:
 
     def _last_good(self) -> tuple[Optional[Path], Optional[int]]:
         """The checkpoint the run can go back to: written at the end of the previous epoch, if any."""
-        last = self.checkpoint_dir / "last.pt"
+        last = self.checkpoint_dir / LAST_CHECKPOINT
         if self.epoch == 0 or not last.is_file():
             return None, None
         return last, self.epoch
