@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
+
+from kdrun.ranks import is_main
 
 MODEL_KEYS = ("top1", "top5", "nll", "ece", "params", "flops", "latency_ms", "throughput")
 STUDENT_KEYS = ("best_top1", "agreement", "kl_t1", "kl_T")
@@ -35,8 +36,6 @@ LAYOUT = {
         "student vs teacher top-1 (per epoch)": ["Multiline", [r"^epoch/(val_top1|train_top1|teacher_val_top1)$"]],
     },
 }
-
-from kdrun.ranks import is_main
 
 
 class _NoWriter:
@@ -72,14 +71,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def read_overrides(run_dir: Path) -> list[str]:
-    """The run's command-line overrides, as Hydra saved them (none when kdrun ran without Hydra)."""
-    path = Path(run_dir) / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])]
-
-
 def run_hparams(cfg, metrics: dict, overrides: list[str]) -> dict[str, Any]:
     """The main config values, then every overridden key (its resolved value where it is a scalar)."""
     from omegaconf import OmegaConf
@@ -109,7 +100,7 @@ def write_run_summary(run_dir: Path, cfg, metrics: dict, logits: Optional[dict[s
     try:
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
-        hparam_values = run_hparams(cfg, metrics, read_overrides(run_dir))
+        hparam_values = run_hparams(cfg, metrics, metrics.get("overrides", []))
         metric_tags = {tag: scalars[tag] for tag in HPARAM_METRICS if tag in scalars}
         # torch's add_hparams would open a second run (a subdirectory); the run's own writer keeps one.
         for summary in hparams(hparam_values, metric_tags):

@@ -69,11 +69,11 @@ def session_hparams(events) -> dict:
 
 
 def test_run_summary_writes_hparams_and_final_scalars_into_the_run_itself(tmp_path):
-    (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "overrides.yaml").write_text(
-        "- T=4\n- alpha=0.5\n- dataset=synthetic\n- dataset.image_size=16\n- optim=sgd\n"
-        "- teacher.name=cifar:resnet14\n- baseline=false\n- progress=false\n")
-    metrics = sample_metrics()
+    (tmp_path / ".hydra").mkdir()  # as Hydra leaves it beside the run's files
+    # The command line's overrides, as the runner records them in metrics.json.
+    metrics = {**sample_metrics(), "overrides": ["T=4", "alpha=0.5", "dataset=synthetic", "dataset.image_size=16",
+                                                 "optim=sgd", "teacher.name=cifar:resnet14", "baseline=false",
+                                                 "progress=false"]}
     write_run_summary(tmp_path, sample_cfg(), metrics)
 
     assert [p for p in tmp_path.iterdir() if p.is_dir()] == [tmp_path / ".hydra"]  # no extra run
