@@ -78,7 +78,9 @@ class StrongView:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        if self.mean.device != images.device:  # once, not a copy every step
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        mean, std = self.mean, self.std
         pixels = (images.float() * std + mean).clamp(0, 1)  # back to the 0..1 pixel scale
         pixels = random_resized_crop(pixels)
         flipped = torch.rand(pixels.shape[0], 1, 1, 1, device=pixels.device) < 0.5
