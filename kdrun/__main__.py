@@ -1,4 +1,4 @@
 """`python -m kdrun ...` is the same as `kdrun ...` (handy under torchrun)."""
-from kdrun.cli import main
+from kdrun.cli.main import main
 
 main()

@@ -2,11 +2,11 @@
 
     python cli_batch.py {light,heavy} CASES.json RESULTS.json
 
-CASES.json holds [{"args": [...], "cwd": DIR}, ...]. Each child calls kdrun.cli.main() with those
+CASES.json holds [{"args": [...], "cwd": DIR}, ...]. Each child calls kdrun.cli.main.main() with those
 arguments in that directory, stdout and stderr going to files, and ends with main()'s exit status
 (an uncaught exception prints its traceback and exits 1, as the interpreter would): what
 `python -m kdrun.cli ARGS` does, without paying the imports of torch and timm (seconds) per case.
-`light` imports only kdrun.cli, so each result also tells whether the case loaded torch at all;
+`light` imports only kdrun.cli.main, so each result also tells whether the case loaded torch at all;
 `heavy` imports torch, timm and the runner first. RESULTS.json: [{"rc", "seconds", "stdout", "stderr", "torch"}].
 """
 from __future__ import annotations
@@ -24,10 +24,10 @@ CASE_TIMEOUT_S = 240
 
 def main() -> None:
     mode, cases_file, results_file = sys.argv[1:4]
-    import kdrun.cli  # noqa: F401  (registers the configs)
+    import kdrun.cli.main  # noqa: F401  (registers the configs)
     if mode == "heavy":
         import kdrun.models.features  # noqa: F401
-        import kdrun.runner  # noqa: F401
+        import kdrun.run.pipeline  # noqa: F401
         import torch.utils.tensorboard  # noqa: F401
     cases = json.loads(Path(cases_file).read_text())
     out_dir = Path(results_file).parent / f".{mode}_outputs"
@@ -58,11 +58,11 @@ def _child(case: dict, stdout: Path, stderr: Path, torch_flag: Path) -> None:
         os.chdir(case["cwd"])
         for fd, path in ((1, stdout), (2, stderr)):
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        import kdrun.cli
+        import kdrun.cli.main
 
-        sys.argv = [kdrun.cli.__file__, *case["args"]]
+        sys.argv = [kdrun.cli.main.__file__, *case["args"]]
         try:
-            kdrun.cli.main()
+            kdrun.cli.main.main()
             code = 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)

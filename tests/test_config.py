@@ -3,7 +3,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kdrun.config import register_configs, validate
+from kdrun.config.schema import register_configs, validate
 from kdrun.paths import conf_dir, group_options
 
 register_configs()

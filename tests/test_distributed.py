@@ -12,7 +12,7 @@ from kdrun.engine.evaluate import predict
 from kdrun.engine.loaders import Batches
 from kdrun.errors import KdrunError
 from kdrun.models import create_model
-from kdrun.ranks import worker_argv
+from kdrun.engine.ranks import worker_argv
 
 from conftest import TINY, read_metrics
 

@@ -269,7 +269,7 @@ def test_catalogue_is_large_and_names_the_fix():
 def test_hydra_flags_are_the_ones_kdrun_lets_through():
     from hydra._internal.utils import get_args_parser
 
-    from kdrun.argv import HYDRA_FLAGS
+    from kdrun.cli.argv import HYDRA_FLAGS
 
     hydra_flags = {flag for action in get_args_parser()._actions for flag in action.option_strings}
     assert hydra_flags == set(HYDRA_FLAGS)

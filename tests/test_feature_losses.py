@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from kdrun.config import register_configs
+from kdrun.config.schema import register_configs
 from kdrun.distill import TERM_TYPES, FeatureShapes, StepContext, build_loss
 from kdrun.distill.feature import FEATURE_TERMS, ATTerm, FitNetsTerm, NSTTerm, ReviewKDTerm, VIDTerm
 from kdrun.distill.feature_review import hcl

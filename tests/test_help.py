@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from kdrun.config import KdrunConfig
-from kdrun.help import GROUPS
+from kdrun.config.schema import KdrunConfig
+from kdrun.cli.help import GROUPS
 from kdrun.paths import group_options
 
 

@@ -3,11 +3,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from kdrun.config import register_configs
+from kdrun.config.schema import register_configs
 from kdrun.data import build_dataset
 from kdrun.models import create_model
 from kdrun.paths import conf_dir, group_options
-from kdrun.stages import RunContext, distill_student
+from kdrun.stages.roles import RunContext, distill_student
 
 register_configs()
 PAIRS = {
@@ -65,7 +65,7 @@ MATCHED_PAIRS = [
 def test_stage_matching_pairs_equal_reductions_and_trains_adapters(teacher_name, student_name, reductions, tmp_path):
     from kdrun.distill import build_loss
     from kdrun.engine.forward import StepForward
-    from kdrun.stages import pair_features
+    from kdrun.stages.roles import pair_features
 
     ctx = context(tmp_path, "fitnets", teacher_name, student_name)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

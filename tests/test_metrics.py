@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdrun.cost import count_flops, count_parameters, measure_speed
-from kdrun.metrics import classification_metrics, fidelity_metrics
+from kdrun.evaluation.cost import count_flops, count_parameters, measure_speed
+from kdrun.evaluation.metrics import classification_metrics, fidelity_metrics
 
 
 def test_accuracy_top5_and_nll_by_hand():

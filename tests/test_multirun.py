@@ -23,7 +23,7 @@ def test_two_job_sweep_trains_teacher_and_baseline_once(kdrun, tmp_path):
 
 
 def test_job_directory_names_keep_only_swept_keys(monkeypatch):
-    from kdrun.sweep_names import job_dirname, swept_keys
+    from kdrun.sweeps.names import job_dirname, swept_keys
 
     argv = ["kdrun", "-m", "T=1,4", "alpha=range(0.1,0.5,0.2)", "epochs=3", "student.name=cifar:resnet8",
             "dataset.mean=[0.5,0.5]"]

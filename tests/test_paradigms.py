@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY, read_metrics
-from kdrun.config import register_configs, validate
+from kdrun.config.schema import register_configs, validate
 from kdrun.distill.context import StepContext
 from kdrun.distill.multi_teacher import MultiTeacherKDTerm, mixture_log_probs, multi_teacher_loss, teacher_weights
 from kdrun.distill.mutual import mutual_learning_loss
@@ -160,7 +160,7 @@ def test_multi_teacher_fixed_and_confidence_weights_match_hand_computations():
 @pytest.mark.slow
 def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, monkeypatch):
     import kdrun.paradigms.born_again as born_again
-    from kdrun.runner import run_experiment
+    from kdrun.run.pipeline import run_experiment
 
     seen = []
     real = born_again.distill_student
@@ -228,7 +228,7 @@ def test_default_paradigm_is_offline_and_assistant_takes_presets_and_names(tmp_p
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         assert compose(config_name="config").paradigm.name == "offline"
     assert compose_cfg(tmp_path, "paradigm=assistant", "assistant=resnet34").assistant.name == "resnet34"
-    from kdrun.argv import preflight
+    from kdrun.cli.argv import preflight
 
     assert preflight(["assistant=cifar:resnet14"]) == ["assistant.name=cifar:resnet14"]
 

@@ -120,7 +120,7 @@ def test_cli_rejects_fp16_on_cpu_and_unknown_precision(tmp_path):
 def test_linear_lr_scaling_follows_the_global_batch():
     from hydra import compose, initialize_config_dir
 
-    from kdrun.config import register_configs, stage_lr
+    from kdrun.config.schema import register_configs, stage_lr
     from kdrun.paths import conf_dir
 
     register_configs()

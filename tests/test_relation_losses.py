@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kdrun.config import register_configs
+from kdrun.config.schema import register_configs
 from kdrun.distill import TERM_TYPES, FeatureShapes, StepContext, build_loss
 from kdrun.distill.relation import RELATION_TERMS, CCTerm, CRDTerm, PKTTerm, RKDTerm, SPTerm
 from kdrun.errors import KdrunError

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kdrun.report import build_report, format_table, main, row_seeds, write_report
+from kdrun.sweeps.report import build_report, format_table, main, row_seeds, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -144,6 +144,6 @@ def test_a_bad_path_is_a_one_line_error(tmp_path, capsys, make_path, message):
 
 def test_console_script_is_declared():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["kdrun-report"] == "kdrun.report:main"
+    assert pyproject["project"]["scripts"]["kdrun-report"] == "kdrun.sweeps.report:main"
     assert any(dep.startswith("matplotlib") for dep in pyproject["project"]["dependencies"])
-    assert "kdrun.report" in sys.modules
+    assert "kdrun.sweeps.report" in sys.modules

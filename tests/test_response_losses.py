@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kdrun.config import register_configs
+from kdrun.config.schema import register_configs
 from kdrun.distill import StepContext, build_loss
 from kdrun.distill.response import DISTTerm, DKDTerm, KDTerm, MLKDTerm, dkd_parts, kd_divergence
 from kdrun.errors import KdrunError

@@ -63,7 +63,7 @@ def test_summary_csv_has_one_row_per_job_with_its_metrics(sweep):
 
 def test_kdrun_report_prints_the_same_table(sweep):
     sweep_dir, _ = sweep
-    proc = subprocess.run([sys.executable, "-m", "kdrun.report", str(sweep_dir)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "kdrun.sweeps.report", str(sweep_dir)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

@@ -25,7 +25,7 @@ from kdrun.errors import KdrunError
 def test_missing_plugin_names_the_extra(monkeypatch, arg, extra, package):
     import importlib.util
 
-    from kdrun.plugins import check_plugins
+    from kdrun.cli.plugins import check_plugins
 
     looked_up = []
 
@@ -45,7 +45,7 @@ def test_missing_plugin_names_the_extra(monkeypatch, arg, extra, package):
 def test_installed_plugin_and_plain_overrides_pass(monkeypatch):
     import importlib.util
 
-    from kdrun.plugins import check_plugins
+    from kdrun.cli.plugins import check_plugins
 
     looked_up = []
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: looked_up.append(name) or object())
@@ -69,7 +69,7 @@ def test_missing_plugin_from_the_command_line_is_one_line(tmp_path):
 
         sys.meta_path.insert(0, Hide())
         sys.argv = ["kdrun", "-m", "T=1,4", "hydra/launcher=joblib"]
-        from kdrun.cli import main
+        from kdrun.cli.main import main
         main()
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -83,7 +83,7 @@ def test_missing_plugin_from_the_command_line_is_one_line(tmp_path):
 # --- job directory names ------------------------------------------------------------------------------
 
 def test_job_dirname_uses_remembered_keys_and_the_sweepers_params(monkeypatch):
-    from kdrun.sweep_names import SWEPT_KEYS_ENV, job_dirname, remember_swept_keys
+    from kdrun.sweeps.names import SWEPT_KEYS_ENV, job_dirname, remember_swept_keys
 
     # A submitit job runs in a process whose sys.argv is submitit's, not kdrun's.
     monkeypatch.setattr("sys.argv", ["-m", "submitit.core._submit", "/tmp/folder"])
@@ -107,7 +107,7 @@ def _write(path, data):
 
 
 def test_objective_is_the_students_best_top1():
-    from kdrun.sweep_jobs import objective
+    from kdrun.sweeps.jobs import objective
 
     assert objective({"student": {"top1": 0.5, "best_top1": 0.625}}) == 0.625
     assert objective({"student": {"best_top1": float("nan")}}) is None
@@ -115,7 +115,7 @@ def test_objective_is_the_students_best_top1():
 
 
 def test_completed_job_is_found_only_with_the_same_overrides(tmp_path):
-    from kdrun.sweep_jobs import completed_metrics
+    from kdrun.sweeps.jobs import completed_metrics
 
     job = tmp_path / "0_T=1"
     stored = {"status": "completed", "overrides": ["T=1", "epochs=1", "progress=false"],
@@ -133,7 +133,7 @@ def test_completed_job_is_found_only_with_the_same_overrides(tmp_path):
 
 
 def test_sweep_job_failure_is_recorded_with_its_reason(tmp_path):
-    from kdrun.failures import record_failure
+    from kdrun.run.failures import record_failure
 
     record_failure(KdrunError("alpha=1.5 must be within [0, 1]"), tmp_path)
     assert not (tmp_path / "metrics.json").exists()  # a single run that did no work leaves nothing
@@ -143,7 +143,7 @@ def test_sweep_job_failure_is_recorded_with_its_reason(tmp_path):
 
 
 def test_failed_jobs_of_this_sweep_only(tmp_path):
-    from kdrun.sweep_callback import failed_since
+    from kdrun.sweeps.callback import failed_since
 
     _write(tmp_path / "0_T=1" / "metrics.json", {"status": "failed", "error": "old failure"})
     old = time.time() - 3600
@@ -159,7 +159,7 @@ def test_failed_jobs_of_this_sweep_only(tmp_path):
 # --- resume=true for a sweep --------------------------------------------------------------------------
 
 def _sweep(root, name, task, age):
-    from kdrun.sweep_callback import SWEEP_FILE, record_sweep
+    from kdrun.sweeps.callback import SWEEP_FILE, record_sweep
 
     record_sweep(root / name, task)
     path = root / name / SWEEP_FILE
@@ -169,7 +169,7 @@ def _sweep(root, name, task, age):
 
 
 def test_resume_finds_the_newest_sweep_with_the_same_overrides(tmp_path, monkeypatch):
-    from kdrun.sweep_resume import default_sweep_root, find_sweep_to_resume, resume_sweep_args
+    from kdrun.sweeps.resume import default_sweep_root, find_sweep_to_resume, resume_sweep_args
 
     root = tmp_path / "outputs" / "multirun"
     _sweep(root, "2026-01-01/09-00-00", ["T=1,4", "epochs=1"], age=300)

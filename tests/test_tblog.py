@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from torch import nn
 
-from kdrun.tblog import final_scalars, open_writer, write_layout, write_run_summary
+from kdrun.tensorboard.writer import final_scalars, open_writer, write_layout, write_run_summary
 
 
 def model_metrics(top1, **extra):
@@ -105,8 +105,8 @@ def test_reliability_diagram_is_an_image_when_figures_are_on(tmp_path):
 
 
 def test_reliability_bins_reproduce_the_ece_of_metrics_json():
-    from kdrun.metrics import ECE_BINS, classification_metrics
-    from kdrun.plots import reliability_bins
+    from kdrun.evaluation.metrics import ECE_BINS, classification_metrics
+    from kdrun.tensorboard.figures import reliability_bins
 
     # Confidences 0.9 (right), 0.9 (wrong), 0.6, 0.6 (both right): ECE = (2 * 0.4 + 2 * 0.4) / 4 = 0.4.
     probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
@@ -133,7 +133,7 @@ def tiny_bundle():
 
 
 def test_soft_target_figures_one_image_tag_per_picture_each_epoch(tmp_path):
-    from kdrun.soft_targets import figure_positions, soft_target_logger
+    from kdrun.tensorboard.soft_targets import figure_positions, soft_target_logger
 
     assert figure_positions(12, 4) == [0, 3, 6, 9] and figure_positions(2, 4) == [0, 1]
     data = tiny_bundle()
@@ -186,8 +186,8 @@ def test_no_figures_means_matplotlib_is_never_imported(tmp_path):
         "import sys, torch; from pathlib import Path; from torch import nn\n"
         "from omegaconf import OmegaConf\n"
         "from test_tblog import sample_cfg, sample_metrics, tiny_bundle\n"
-        "from kdrun.tblog import open_writer, write_run_summary\n"
-        "from kdrun.soft_targets import soft_target_logger\n"
+        "from kdrun.tensorboard.writer import open_writer, write_run_summary\n"
+        "from kdrun.tensorboard.soft_targets import soft_target_logger\n"
         f"run = Path({str(tmp_path)!r})\n"
         "model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n"
         "assert soft_target_logger(open_writer(run), tiny_bundle(), model, model, 4.0, 0, torch.device('cpu')) is None\n"
@@ -202,7 +202,7 @@ def test_no_figures_means_matplotlib_is_never_imported(tmp_path):
 
 
 def test_printed_summary_has_nll_ece_and_the_fidelity_line():
-    from kdrun.runner import result_table
+    from kdrun.run.pipeline import result_table
 
     text = result_table(sample_metrics())
     header, teacher, baseline, student, gain, fidelity = text.splitlines()
@@ -219,7 +219,7 @@ def test_printed_summary_has_nll_ece_and_the_fidelity_line():
 
 
 def test_summary_rows_print_a_dash_for_what_a_model_lacks():
-    from kdrun.summary_table import model_table
+    from kdrun.evaluation.table import model_table
 
     combined = {k: v for k, v in model_metrics(0.5, name="mean of 2 teachers").items() if k != "latency_ms"}
     header, row = model_table([("teacher", combined), ("baseline", None)])
@@ -232,7 +232,7 @@ def test_soft_target_panels_show_the_teachers_top_classes_at_t1_at_t_and_the_stu
     import numpy as np
     from matplotlib.colors import to_rgba
 
-    from kdrun.plots import TOP_CLASSES, SoftTargetFigure
+    from kdrun.tensorboard.figures import TOP_CLASSES, SoftTargetFigure
 
     teacher_logits = [0.3 * ((7 * c) % 12) for c in range(12)]   # 12 classes, a scrambled order
     student_logits = [0.1 * c for c in range(12)]

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from kdrun.config import register_configs
+from kdrun.config.schema import register_configs
 from kdrun.data import build_dataset
 from kdrun.data.augment import RandomCropFlip
 from kdrun.engine import teacher_cache
@@ -17,7 +17,7 @@ from kdrun.engine.teacher_cache import cache_spec, check_cacheable, load_or_buil
 from kdrun.errors import KdrunError
 from kdrun.models import create_model
 from kdrun.paths import conf_dir
-from kdrun.stages import RunContext, distill_student
+from kdrun.stages.roles import RunContext, distill_student
 
 register_configs()
 TEACHER = "cifar:resnet14"

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from kdrun.data.bundle import DataBundle, InMemoryDataset, channel_stats
-from kdrun.data.options import one_line, read_options, require_fraction, require_int
+from kdrun.errors import one_line
+from kdrun.data.options import read_options, require_fraction, require_int
 from kdrun.errors import KdrunError
 
 DEFAULTS = {"test_fraction": 0.2, "split_seed": 0}

@@ -15,7 +15,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from kdrun.data.bundle import DataBundle, Item
-from kdrun.data.options import (absolute_path, one_line, read_options, require_bool, require_channel_stats,
+from kdrun.errors import one_line
+from kdrun.data.options import (absolute_path, read_options, require_bool, require_channel_stats,
                                 require_int)
 from kdrun.errors import KdrunError
 

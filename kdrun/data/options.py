@@ -13,11 +13,6 @@ from kdrun.errors import KdrunError
 RUNNER_KEYS = ("num_workers",)
 
 
-def one_line(text: object) -> str:
-    """Collapse an exception's text to one line, for embedding in a KdrunError message."""
-    return " ".join(str(text).split())
-
-
 def read_options(dataset: str, cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """`defaults` overlaid with `cfg`; a key set to null keeps its default. Unknown keys are errors,
     because a misspelt key (dataset.augmnet=false) would otherwise be silently ignored."""

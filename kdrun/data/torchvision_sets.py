@@ -20,7 +20,8 @@ from torchvision import datasets
 
 from kdrun.data.augment import RandomCropFlip
 from kdrun.data.bundle import DataBundle, InMemoryDataset
-from kdrun.data.options import absolute_path, one_line, read_options, require_bool
+from kdrun.data.options import absolute_path, read_options, require_bool
+from kdrun.errors import one_line
 from kdrun.errors import KdrunError
 
 DEFAULTS = {"root": "data", "download": False, "augment": True}

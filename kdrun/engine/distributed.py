@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kdrun.errors import KdrunError
-from kdrun.ranks import is_main, local_rank, rank, world_size
+from kdrun.engine.ranks import is_main, local_rank, rank, world_size
 
 __all__ = ["setup", "active", "is_main", "shard", "wrap", "barrier", "from_rank_zero", "reduce_epoch",
            "sync_buffers", "rank_zero_lock", "check_batch_size"]

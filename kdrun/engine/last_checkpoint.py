@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from kdrun.data.options import one_line
+from kdrun.errors import one_line
 from kdrun.engine.checkpoint import FORMAT, save_atomic
 from kdrun.errors import KdrunError
 from kdrun.run_files import LAST_CHECKPOINT as LAST, PREVIOUS_CHECKPOINT as PREVIOUS

@@ -98,7 +98,7 @@ def numerics_key(speed: Speed) -> dict:
     """What a cached stage's key adds for runs whose numbers differ from a plain fp32 single process:
     the autocast precision and the number of processes (BatchNorm sees a shard of each batch).
     Empty for the defaults, so existing cache entries keep their keys."""
-    from kdrun.ranks import world_size
+    from kdrun.engine.ranks import world_size
 
     key = {}
     if speed.precision != "fp32":

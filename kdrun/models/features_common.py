@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, one_line
 
 # Past this many names an error message lists the first and last few only.
 _MAX_LISTED = 30
@@ -132,11 +132,6 @@ def as_vector(embedding: Tensor) -> Tensor:
     return embedding.flatten(1)
 
 
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def listing(names: Sequence[str]) -> str:
     """Comma-separated names, the middle left out when there are very many."""
     if not names:
@@ -149,7 +144,7 @@ def listing(names: Sequence[str]) -> str:
 
 def cannot_run(role: str, model_name: str, input_shape: Sequence[int], error: Exception) -> KdrunError:
     return KdrunError(f"{role} '{model_name}' cannot run on {'x'.join(map(str, input_shape))} inputs "
-                      f"({one_line(error)}): use larger images or another {role} model")
+                      f"({one_line(error, limit=200)}): use larger images or another {role} model")
 
 
 def layer_not_found(role: str, name: str, model_name: str, available: Sequence[str]) -> KdrunError:

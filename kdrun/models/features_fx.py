@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, fx, nn
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor
 
-from kdrun.errors import KdrunError
-from kdrun.models.features_common import FeatureTaps, as_vector, cannot_run, dummy_batch, eval_mode, one_line
+from kdrun.errors import KdrunError, one_line
+from kdrun.models.features_common import FeatureTaps, as_vector, cannot_run, dummy_batch, eval_mode
 from kdrun.models.features_fx_graph import Plan, ShapeRecorder, Traced, plan
 
 
@@ -36,7 +36,7 @@ def _trace(model: nn.Module, model_name: str, role: str, tracer_kwargs: dict | N
             graph = tracer.trace(model)
         except Exception as error:  # FX raises many types for untraceable code
             raise KdrunError(f"cannot trace {role} '{model_name}' with torch.fx to tap its features "
-                             f"({one_line(error)}): pick a timm model or another {role}") from error
+                             f"({one_line(error, limit=200)}): pick a timm model or another {role}") from error
         traced = Traced(model, graph, dict(tracer.node_to_qualname))
         if x is not None:
             try:
@@ -104,6 +104,6 @@ def build_fx_taps(model: nn.Module, model_name: str, input_shape: tuple[int, int
             extractor = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True,
                                                  tracer_kwargs=_tracer_kwargs(tracer_kwargs))
         except ValueError as error:  # a node of the eval graph that the train graph lacks
-            raise KdrunError(f"cannot tap {role} '{model_name}' in training mode ({one_line(error)}): "
+            raise KdrunError(f"cannot tap {role} '{model_name}' in training mode ({one_line(error, limit=200)}): "
                              f"pick other {role} layers") from error
     return FxTaps(model, model_name, role, spec, extractor)

@@ -1,7 +1,7 @@
 """Training paradigms: how the models of a run are trained, chosen with `paradigm=NAME` (conf/paradigm/).
 
-`offline` (the default) is kdrun.runner's own path; every other paradigm is a small module here that
-reuses the stages (kdrun.stages), the one training loop (kdrun.engine.trainer), the stage cache and the
+`offline` (the default) is kdrun.run.pipeline's own path; every other paradigm is a small module here that
+reuses the stages (kdrun.stages.roles), the one training loop (kdrun.engine.trainer), the stage cache and the
 metrics, and writes the same kinds of outputs: metrics.json, checkpoints/, TensorBoard events.
 Imports stay light here (the CLI validates settings before torch loads); each runner loads its own module.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from kdrun.paradigms.settings import PARADIGMS, paradigm_name, unread_settings
+from kdrun.config.paradigm_checks import PARADIGMS, paradigm_name, unread_settings
 
 # paradigm name -> "module:function" under kdrun.paradigms; the function is run(ctx, started) -> metrics
 RUNNERS = {

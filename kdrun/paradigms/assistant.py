@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 
-from kdrun.metrics import fidelity_metrics
+from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.models import check_model_name
-from kdrun.paradigms.common import derive, plain
-from kdrun.paradigms.report import comparisons, finish, header, model_metrics, test_logits, training_summary
-from kdrun.stages import RunContext, distill_student, obtain_baseline, obtain_teacher
+from kdrun.stages.derive import derive, plain
+from kdrun.run.results import comparisons, finish, header, model_metrics, test_logits, training_summary
+from kdrun.stages.roles import RunContext, distill_student, obtain_baseline, obtain_teacher
 
 log = logging.getLogger("kdrun")
 

@@ -12,12 +12,12 @@ import logging
 import torch
 
 from kdrun.engine.group import ModelGroup, ensemble_logits
-from kdrun.metrics import fidelity_metrics
-from kdrun.paradigms.common import derive, plain
-from kdrun.paradigms.report import (combined_cost, comparisons, finish, header, log_test_scalars, model_metrics,
+from kdrun.evaluation.metrics import fidelity_metrics
+from kdrun.stages.derive import derive, plain
+from kdrun.run.results import (combined_cost, comparisons, finish, header, log_test_scalars, model_metrics,
                                     test_logits, training_summary)
-from kdrun.stages import RunContext, distill_student, obtain_teacher
-from kdrun.tblog import open_writer
+from kdrun.stages.roles import RunContext, distill_student, obtain_teacher
+from kdrun.tensorboard.writer import open_writer
 
 log = logging.getLogger("kdrun")
 

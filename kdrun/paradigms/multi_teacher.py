@@ -13,11 +13,11 @@ import torch
 
 from kdrun.distill.multi_teacher import mixture_log_probs, multi_teacher_loss, teacher_weights
 from kdrun.engine.group import ModelGroup
-from kdrun.metrics import fidelity_metrics
-from kdrun.paradigms.common import derive, model_config, train_stage
-from kdrun.paradigms.report import (combined_cost, comparisons, finish, header, model_metrics, test_logits,
+from kdrun.evaluation.metrics import fidelity_metrics
+from kdrun.stages.derive import derive, model_config, train_stage
+from kdrun.run.results import (combined_cost, comparisons, finish, header, model_metrics, test_logits,
                                     training_summary)
-from kdrun.stages import RunContext, obtain_baseline, obtain_teacher
+from kdrun.stages.roles import RunContext, obtain_baseline, obtain_teacher
 
 log = logging.getLogger("kdrun")
 

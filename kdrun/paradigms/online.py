@@ -12,12 +12,12 @@ import logging
 from kdrun.distill.mutual import mutual_learning_loss
 from kdrun.engine.evaluate import predict
 from kdrun.engine.group import ModelGroup, ensemble_logits
-from kdrun.metrics import fidelity_metrics
-from kdrun.paradigms.common import derive, model_config, model_meta, plain, save_model, train_stage
-from kdrun.paradigms.report import (combined_cost, comparisons, finish, header, log_test_scalars, model_metrics,
+from kdrun.evaluation.metrics import fidelity_metrics
+from kdrun.stages.derive import derive, model_config, model_meta, plain, save_model, train_stage
+from kdrun.run.results import (combined_cost, comparisons, finish, header, log_test_scalars, model_metrics,
                                     test_logits)
-from kdrun.stages import RunContext, obtain_baseline
-from kdrun.tblog import open_writer
+from kdrun.stages.roles import RunContext, obtain_baseline
+from kdrun.tensorboard.writer import open_writer
 
 log = logging.getLogger("kdrun")
 

@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 
 from kdrun.engine.checkpoint import read_checkpoint
-from kdrun.paradigms.common import save_model
-from kdrun.paradigms.report import finish, header, log_test_scalars, model_metrics, test_logits
-from kdrun.stages import RunContext, StageOutcome, obtain_baseline, obtain_teacher
-from kdrun.tblog import open_writer
+from kdrun.stages.derive import save_model
+from kdrun.run.results import finish, header, log_test_scalars, model_metrics, test_logits
+from kdrun.stages.roles import RunContext, StageOutcome, obtain_baseline, obtain_teacher
+from kdrun.tensorboard.writer import open_writer
 
 
 def run_teacher(ctx: RunContext, started: float) -> dict:

@@ -11,22 +11,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import __version__
-from kdrun.config import validate
+from kdrun.config.schema import validate
 from kdrun.data import build_dataset, describe
 from kdrun.distill import needs_strong_view
 from kdrun.engine import distributed
 from kdrun.engine.evaluate import predict
 from kdrun.engine.precision import build_speed
 from kdrun.errors import KdrunError
-from kdrun.metrics import classification_metrics, fidelity_metrics
-from kdrun.cost import model_cost, timing_context
+from kdrun.evaluation.metrics import classification_metrics, fidelity_metrics
+from kdrun.evaluation.cost import model_cost, timing_context
 from kdrun.models import check_model_name
 from kdrun.paradigms import paradigm_name, run_paradigm, unread_settings
-from kdrun.seeding import seed_everything
+from kdrun.engine.seeding import seed_everything
 from kdrun.run_files import METRICS_FILE, has_checkpoint, write_json_atomic
-from kdrun.stages import RunContext, distill_student, obtain_baseline, obtain_teacher
-from kdrun.summary_table import model_table
-from kdrun.tblog import write_run_summary
+from kdrun.stages.roles import RunContext, distill_student, obtain_baseline, obtain_teacher
+from kdrun.evaluation.table import model_table
+from kdrun.tensorboard.writer import write_run_summary
 
 log = logging.getLogger("kdrun")
 

@@ -12,7 +12,7 @@ from kdrun.run_files import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT
 IGNORED_KEYS = ("resume", "progress")
 
 
-def _comparable(overrides: list[str]) -> list[str]:
+def comparable_overrides(overrides: list[str]) -> list[str]:
     return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in IGNORED_KEYS)
 
 
@@ -26,7 +26,7 @@ def _finished(run_dir: Path) -> bool:
 def find_resumable_run(run_dir: Path, overrides: list[str]) -> Optional[Path]:
     """The newest unfinished run beside `run_dir` (outputs/runs/<date>/<time>) with the same overrides."""
     runs_root = run_dir.parent.parent
-    wanted = _comparable(overrides)
+    wanted = comparable_overrides(overrides)
     # last.prev.pt alone counts too: it is what is left when last.pt was found unreadable.
     checkpoints = [path for name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT)
                    for path in runs_root.glob(f"*/*/checkpoints/{name}")]
@@ -35,6 +35,6 @@ def find_resumable_run(run_dir: Path, overrides: list[str]) -> Optional[Path]:
         if candidate == run_dir or _finished(candidate):
             continue
         saved = candidate / ".hydra" / "overrides.yaml"
-        if saved.is_file() and _comparable(list(OmegaConf.load(saved))) == wanted:
+        if saved.is_file() and comparable_overrides(list(OmegaConf.load(saved))) == wanted:
             return candidate
     return None

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdrun.config import stage_epochs, stage_lr
+from kdrun.config.schema import stage_epochs, stage_lr
 from kdrun.data import DataBundle
 from kdrun.data.strong_view import strong_view_for
 from kdrun.distill import build_loss, hard_label_loss, needs_features
@@ -26,8 +26,8 @@ from kdrun.engine.precision import Speed, numerics_key
 from kdrun.engine.trainer import Recipe, Stage, StageResult, train
 from kdrun.errors import KdrunError
 from kdrun.models import create_model
-from kdrun.soft_targets import soft_target_logger
-from kdrun.tblog import open_writer, write_layout
+from kdrun.tensorboard.soft_targets import soft_target_logger
+from kdrun.tensorboard.writer import open_writer, write_layout
 
 log = logging.getLogger("kdrun")
 

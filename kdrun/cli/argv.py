@@ -9,8 +9,8 @@ import difflib
 
 from kdrun.errors import KdrunError
 from kdrun.paths import group_options
-from kdrun.plugins import check_plugins
-from kdrun.sweep_resume import resume_sweep_args
+from kdrun.cli.plugins import check_plugins
+from kdrun.sweeps.resume import resume_sweep_args
 
 CHECKED_GROUPS = ("teacher", "student", "dataset", "distill", "optim", "sched", "experiment", "hparams_search",
                   "paradigm", "assistant")

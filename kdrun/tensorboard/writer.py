@@ -13,7 +13,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from kdrun.ranks import is_main
+from kdrun.engine.ranks import is_main
 
 MODEL_KEYS = ("top1", "top5", "nll", "ece", "params", "flops", "latency_ms", "throughput")
 STUDENT_KEYS = ("best_top1", "agreement", "kl_t1", "kl_T")
@@ -106,8 +106,8 @@ def write_run_summary(run_dir: Path, cfg, metrics: dict, logits: Optional[dict[s
         for summary in hparams(hparam_values, metric_tags):
             writer.file_writer.add_summary(summary, step)
         if logits and labels is not None and int(cfg.get("tb_figures", 0)) > 0:
-            from kdrun.metrics import ECE_BINS
-            from kdrun.plots import figure_to_array, reliability_figure
+            from kdrun.evaluation.metrics import ECE_BINS
+            from kdrun.tensorboard.figures import figure_to_array, reliability_figure
 
             figure = reliability_figure({name: (value, labels) for name, value in logits.items()}, ECE_BINS)
             writer.add_image("calibration/reliability", figure_to_array(figure), step, dataformats="HWC")

@@ -14,8 +14,8 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from kdrun.paths import conf_dir
-from kdrun.resume import _comparable
-from kdrun.sweep_callback import SWEEP_FILE
+from kdrun.run.resume import comparable_overrides
+from kdrun.sweeps.callback import SWEEP_FILE
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 TRUE_VALUES = ("true", "yes", "on", "1")
@@ -47,14 +47,14 @@ def default_sweep_root() -> Path:
 
 def find_sweep_to_resume(root: Path, overrides: list[str]) -> Optional[Path]:
     """The newest sweep under `root` whose recorded overrides equal `overrides` (resume/progress aside)."""
-    wanted = _comparable(overrides)
+    wanted = comparable_overrides(overrides)
     saved = sorted(root.glob(f"**/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for record in saved:
         try:
             recorded = json.loads(record.read_text())["overrides"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if _comparable([str(o) for o in recorded]) == wanted:
+        if comparable_overrides([str(o) for o in recorded]) == wanted:
             return record.parent
     return None
 

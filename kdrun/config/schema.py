@@ -9,8 +9,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import KdrunError
-from kdrun.input_checks import check_inputs
-from kdrun.sweep_names import job_dirname
+from kdrun.config.inputs import check_inputs
+from kdrun.sweeps.names import job_dirname
 
 
 @dataclass
@@ -97,7 +97,7 @@ def validate(cfg: DictConfig) -> None:
     _check("terms" in cfg.distill and len(cfg.distill.terms) > 0,
            "the distill config lists no loss terms: pick a method with distill=NAME, e.g. distill=kd")
     check_inputs(cfg)  # device, dataset name, checkpoint paths: still before any heavy import
-    from kdrun.paradigms.settings import validate_paradigm  # pure Python: still before heavy imports
+    from kdrun.config.paradigm_checks import validate_paradigm  # pure Python: still before heavy imports
 
     validate_paradigm(cfg)
 

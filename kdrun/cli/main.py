@@ -18,17 +18,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 # Only light imports here: bad input is answered before torch and timm load (seconds on a laptop).
-from kdrun.argv import ArgvError, preflight
-from kdrun.config import register_configs, validate
-from kdrun.errors import KdrunError
-from kdrun.failures import as_user_error, exit_code, one_line, record_failure, status_of
+from kdrun.cli.argv import ArgvError, preflight
+from kdrun.config.schema import register_configs, validate
+from kdrun.errors import KdrunError, one_line
+from kdrun.run.failures import as_user_error, exit_code, record_failure, status_of
 from kdrun.paths import conf_dir
-from kdrun.ranks import worker_argv
-from kdrun.resume import find_resumable_run
+from kdrun.engine.ranks import worker_argv
+from kdrun.run.resume import find_resumable_run
 from kdrun.run_files import has_checkpoint, has_work
-from kdrun.sweep_callback import failed_jobs
-from kdrun.sweep_jobs import completed_metrics, objective
-from kdrun.sweep_names import remember_swept_keys
+from kdrun.sweeps.callback import failed_jobs
+from kdrun.sweeps.jobs import completed_metrics, objective
+from kdrun.sweeps.names import remember_swept_keys
 
 log = logging.getLogger("kdrun")
 register_configs()
@@ -63,7 +63,7 @@ def hydra_entry(cfg: DictConfig) -> Optional[float]:
         if done is not None:
             log.info("%s: completed earlier with these overrides (metrics.json); skipping it", run_dir.name)
             return objective(done)
-        from kdrun.runner import run_experiment  # heavy: torch, timm, torchvision
+        from kdrun.run.pipeline import run_experiment  # heavy: torch, timm, torchvision
 
         return objective(run_experiment(cfg, run_dir, overrides))
     except Exception as raised:
@@ -100,7 +100,7 @@ def _discard_empty_run_dir() -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _one_line(error: BaseException) -> str:
+def _hydra_error_line(error: BaseException) -> str:
     """Hydra and OmegaConf messages span lines; keep what names the problem."""
     parts = [str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__]
     cause = error.__cause__
@@ -114,7 +114,7 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     show_traceback = os.environ.get("KDRUN_TRACEBACK") == "1"
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
-        from kdrun.help import help_text
+        from kdrun.cli.help import help_text
 
         print(help_text())
         return
@@ -140,9 +140,9 @@ def main() -> None:
         if show_traceback or not (failed or _is_config_error(error)):
             raise
         if failed:
-            print(f"kdrun: error: {_failed_summary(failed)}; the sweep stopped: {_one_line(error)}", file=sys.stderr)
+            print(f"kdrun: error: {_failed_summary(failed)}; the sweep stopped: {_hydra_error_line(error)}", file=sys.stderr)
             sys.exit(1)
-        print(f"kdrun: error: {_one_line(error)}", file=sys.stderr)
+        print(f"kdrun: error: {_hydra_error_line(error)}", file=sys.stderr)
         sys.exit(2)
     failed = failed_jobs()
     if failed:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from kdrun.config import ModelConfig
+from kdrun.config.schema import ModelConfig
 from kdrun.data.strong_view import strong_view_for
 from kdrun.distill import DistillLoss
 from kdrun.engine.checkpoint import FORMAT, save_atomic
@@ -19,8 +19,8 @@ from kdrun.engine.trainer import Stage, StageResult, train
 from kdrun.errors import KdrunError
 from kdrun.models import check_model_name
 from kdrun.paths import conf_dir, group_options
-from kdrun.stages import RunContext
-from kdrun.tblog import open_writer
+from kdrun.stages.roles import RunContext
+from kdrun.tensorboard.writer import open_writer
 
 
 def derive(ctx: RunContext, run_dir: Optional[Path] = None, **cfg_updates: Any) -> RunContext:

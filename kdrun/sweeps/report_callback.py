@@ -17,7 +17,7 @@ log = logging.getLogger("kdrun")
 
 class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from kdrun.report import write_report
+        from kdrun.sweeps.report import write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:

@@ -2,7 +2,7 @@
 
 A job whose directory already holds metrics.json with `status: completed` for the same overrides returns
 the stored objective without training, so re-running a sweep into its old directory runs only the jobs
-that failed or never finished. A job that fails (kdrun.failures.record_failure) returns no objective:
+that failed or never finished. A job that fails (kdrun.run.failures.record_failure) returns no objective:
 the launcher goes on with the other jobs and an Optuna sweeper marks the trial failed.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from kdrun.resume import _comparable
+from kdrun.run.resume import comparable_overrides
 from kdrun.run_files import METRICS_FILE
 
 log = logging.getLogger("kdrun")
@@ -40,6 +40,6 @@ def completed_metrics(run_dir: Path, overrides: list[str]) -> Optional[dict]:
         return None
     if metrics.get("status") != "completed" or "overrides" not in metrics:
         return None
-    if _comparable([str(o) for o in metrics["overrides"]]) != _comparable(overrides):
+    if comparable_overrides([str(o) for o in metrics["overrides"]]) != comparable_overrides(overrides):
         return None
     return metrics

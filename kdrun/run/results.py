@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from kdrun import __version__
-from kdrun.cost import count_parameters, model_cost, timing_context
+from kdrun.evaluation.cost import count_parameters, model_cost, timing_context
 from kdrun.engine.evaluate import predict
 from kdrun.engine.trainer import StageResult
-from kdrun.metrics import classification_metrics
-from kdrun.paradigms.settings import paradigm_name
+from kdrun.evaluation.metrics import classification_metrics
+from kdrun.config.paradigm_checks import paradigm_name
 from kdrun.run_files import METRICS_FILE, write_json_atomic
-from kdrun.stages import RunContext
-from kdrun.summary_table import model_table
+from kdrun.stages.roles import RunContext
+from kdrun.evaluation.table import model_table
 
 
 def test_logits(ctx: RunContext, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

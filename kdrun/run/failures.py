@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from kdrun.errors import DivergedError, KdrunError
+from kdrun.errors import DivergedError, KdrunError, one_line
 from kdrun.run_files import METRICS_FILE, has_work, write_json_atomic
 
 log = logging.getLogger("kdrun")
@@ -21,7 +21,6 @@ EXIT_FAILED, EXIT_DIVERGED = 2, 3
 UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
                  errno.ENAMETOOLONG}
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
-WORKER_PREFIX = "kdrun.errors.KdrunError: "
 
 
 def as_user_error(error: BaseException) -> Optional[KdrunError]:
@@ -43,16 +42,6 @@ def status_of(error: KdrunError) -> str:
 
 def exit_code(error: KdrunError) -> int:
     return EXIT_DIVERGED if isinstance(error, DivergedError) else EXIT_FAILED
-
-
-def one_line(error: KdrunError) -> str:
-    """The message on one line. An error raised in a DataLoader worker comes back wrapped in the
-    worker's traceback; its last line holds the original message."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(error).__name__
-    last = lines[-1]
-    return last[len(WORKER_PREFIX):] if last.startswith(WORKER_PREFIX) else " ".join(lines)
 
 
 def record_failure(error: KdrunError, run_dir: Path, always: bool = False) -> None:

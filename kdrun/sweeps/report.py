@@ -260,7 +260,7 @@ def write_csv(report: Report, path: Path) -> None:
 
 def write_report(root: Path) -> str:
     """Build the report of `root`, write summary.csv, summary.md and plots into it; return the table."""
-    from kdrun.report_plots import accuracy_plots
+    from kdrun.sweeps.report_plots import accuracy_plots
 
     report = build_report(Path(root))
     write_csv(report, report.root / CSV_FILE)

@@ -26,7 +26,7 @@ def soft_target_logger(writer, data: DataBundle, student: nn.Module, teacher: nn
     """The trainer's on_epoch callback that draws the figures, or None when `count` is 0."""
     if count <= 0 or writer is None:
         return None
-    from kdrun.plots import SoftTargetFigure, displayable
+    from kdrun.tensorboard.figures import SoftTargetFigure, displayable
 
     items = [data.test[i] for i in figure_positions(len(data.test), count)]
     images = torch.stack([image for image, _, _ in items]).to(device)

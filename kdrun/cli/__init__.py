@@ -1,0 +1,1 @@
+"""The `kdrun` command: argv handling, help, Hydra entry point and exit codes (main.py)."""

@@ -1,0 +1,1 @@
+"""TensorBoard output: the writer, run summaries, soft-target figures."""
