@@ -10,7 +10,7 @@ table shows medians (images/s) and ratios of medians:
 
   hand       a minimal hand-written KD loop on in-memory float tensors: teacher forward under
              no_grad, student forward/backward, optimizer step (the physical work, nothing else)
-  kdrun      kdrun's real training loop (trainer._train_one_epoch on a Stage, InMemoryDataset + Batches)
+  kdrun      kdrun's real training loop (engine.step.train_epoch after trainer.prepare_training)
   cached     kdrun with teacher.cache: teacher outputs read from the memory-mapped cache
   baseline   kdrun training the student alone (hard labels, no teacher)
   data       the data path alone: kdrun's InMemoryDataset + Batches with batched crop/flip, vs a
@@ -56,10 +56,9 @@ from kdrun.distill import build_loss, hard_label_loss  # noqa: E402
 from kdrun.engine import teacher_cache  # noqa: E402
 from kdrun.engine.forward import StepForward  # noqa: E402
 from kdrun.engine.loaders import Batches, on_device  # noqa: E402
-from kdrun.engine.optim import build_optimizer, build_scheduler  # noqa: E402
-from kdrun.engine.precision import Speed  # noqa: E402
-from kdrun.engine.step import TrainStep  # noqa: E402
-from kdrun.engine.trainer import Recipe, Stage, _train_one_epoch  # noqa: E402
+from kdrun.engine.speed import Speed  # noqa: E402
+from kdrun.engine.step import train_epoch  # noqa: E402
+from kdrun.engine.trainer import Recipe, Stage, prepare_training  # noqa: E402
 from kdrun.models import create_model  # noqa: E402
 
 TRAIN_VARIANTS = ("hand", "kdrun", "cached", "baseline")
@@ -185,7 +184,7 @@ def hand_loop(args, device, data: InMemoryDataset):
 
 
 def kdrun_loop(args, device, data: InMemoryDataset, variant: str, cache_root: Path):
-    """The real loop, set up as trainer.train sets it up (minus evaluation and checkpoints)."""
+    """The real loop, set up by the trainer's own prepare_training (minus evaluation and checkpoints)."""
     student, teacher = models(args, device)
     speed = make_speed(args, device)
     train_set = on_device(data, device)
@@ -201,19 +200,12 @@ def kdrun_loop(args, device, data: InMemoryDataset, variant: str, cache_root: Pa
         spec = teacher_cache.cache_spec(args.teacher, teacher, {"bench": True}, data, None, speed)
         outputs = teacher_cache.load_or_build(cache_root, spec, teacher, None, data, args.batch_size, device,
                                               speed, 1e9)
-    speed.prepare(student)
-    if teacher is not None and outputs is None:
-        speed.prepare(teacher)
-    loss.to(device)
-    steps = len(Batches(train_set, args.batch_size, device, shuffle=True))
-    optimizer = build_optimizer(list(student.parameters()) + list(loss.parameters()), SGD, LR)
-    scheduler = build_scheduler(optimizer, {"name": "cosine"}, steps, stage.recipe.epochs)
-    train_step = TrainStep(StepForward(student, teacher, None, outputs), loss, speed)
+    training = prepare_training(stage, StepForward(student, teacher, None, outputs), loss, train_set)
 
     def run(epoch: int) -> float:
         sync(device)
         started = time.perf_counter()
-        _train_one_epoch(stage, student, loss, train_set, train_step, optimizer, scheduler, epoch, steps)
+        train_epoch(training, epoch)
         sync(device)
         return time.perf_counter() - started
 

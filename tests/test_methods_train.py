@@ -7,7 +7,8 @@ from kdrun.config.schema import register_configs
 from kdrun.data import build_dataset
 from kdrun.models import create_model
 from kdrun.paths import conf_dir, group_options
-from kdrun.stages.roles import RunContext, distill_student
+from kdrun.stages.context import RunContext
+from kdrun.stages.roles import distill_student
 
 register_configs()
 PAIRS = {
@@ -32,7 +33,7 @@ def test_method_trains_and_saves_its_learnable_parts(method, tmp_path):
     ctx = context(tmp_path, method, teacher_name, student_name)
     teacher = create_model(teacher_name, 10, 3)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    outcome = distill_student(ctx, teacher, teacher_top1=0.5, resume=False)
+    outcome = distill_student(ctx, teacher, teacher_top1=0.5)
     history = outcome.result.history[0]
     assert torch.isfinite(torch.tensor(history["loss"]))
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items()), "teacher changed"
@@ -46,7 +47,7 @@ def test_method_trains_and_saves_its_learnable_parts(method, tmp_path):
 def test_feature_methods_work_across_libraries(method, tmp_path):
     ctx = context(tmp_path, method, *PAIRS["timm_to_torchvision"])
     teacher = create_model(PAIRS["timm_to_torchvision"][0], 10, 3)
-    outcome = distill_student(ctx, teacher, teacher_top1=0.5, resume=False)
+    outcome = distill_student(ctx, teacher, teacher_top1=0.5)
     assert torch.isfinite(torch.tensor(outcome.result.history[0]["loss"]))
 
 

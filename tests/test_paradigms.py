@@ -99,7 +99,7 @@ def test_online_training_changes_every_peer_and_logs_each(tmp_path):
     cohort = ModelGroup(members)
     before = copy.deepcopy(cohort.state_dict())
     stage = Stage("peers", Recipe(1, 0.05, 32, SGD, {"name": "cosine"}, 0), torch.device("cpu"), tmp_path, {})
-    result = train(stage, cohort, mutual_learning_loss(2), data.train, data.test)
+    result = train(stage, StepForward(cohort), mutual_learning_loss(2), data.train, data.test)
     for k in range(2):
         changed = [n for n, v in cohort.state_dict().items()
                    if n.startswith(f"members.{k}.") and not torch.equal(v, before[n])]
@@ -165,9 +165,9 @@ def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, mo
     seen = []
     real = born_again.distill_student
 
-    def recording(ctx, teacher, teacher_top1, resume):
+    def recording(ctx, teacher, teacher_top1):
         seen.append((ctx.run_dir, {k: v.clone() for k, v in teacher.state_dict().items()}, ctx.cfg.student.name))
-        return real(ctx, teacher, teacher_top1, resume)
+        return real(ctx, teacher, teacher_top1)
 
     monkeypatch.setattr(born_again, "distill_student", recording)
     run_dir = tmp_path / "run"
@@ -254,7 +254,7 @@ def test_bad_paradigm_settings_fail_with_one_line(tmp_path, overrides, message):
 
 
 def test_settings_a_paradigm_ignores_are_named(tmp_path):
-    from kdrun.paradigms import unread_settings
+    from kdrun.config.paradigm_checks import unread_settings
 
     assert "teachers=['a', 'b'] is read by paradigm=multi_teacher only" in \
         unread_settings(compose_cfg(tmp_path, "teachers=[a,b]"))[0]

@@ -11,7 +11,8 @@ from torch import nn
 
 from kdrun.data import build_dataset
 from kdrun.distill import build_loss
-from kdrun.engine.precision import Speed, build_speed, numerics_key
+from kdrun.engine.speed import Speed, build_speed, numerics_key
+from kdrun.engine.forward import StepForward
 from kdrun.engine.trainer import Recipe, Stage, train
 from kdrun.errors import KdrunError
 from kdrun.models import create_model
@@ -39,7 +40,7 @@ def distill(tmp_path: Path, speed: Speed, epochs: int = 1, train_size: int = 192
     teacher = create_model("cifar:resnet8", 10, 3)
     torch.manual_seed(0)
     student = create_model("cifar:resnet8", 10, 3)
-    result = train(stage(tmp_path, speed, epochs), student, build_loss(KD), data.train, data.test, teacher=teacher)
+    result = train(stage(tmp_path, speed, epochs), StepForward(student, teacher), build_loss(KD), data.train, data.test)
     return result.history, student, teacher
 
 
@@ -55,8 +56,8 @@ def test_bf16_trains_under_autocast_with_finite_metrics(tmp_path):
     for model in (student, teacher):
         first_conv(model).register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
     before = copy.deepcopy(student.state_dict())
-    result = train(stage(tmp_path, build_speed("bf16", False, False, torch.device("cpu"))), student,
-                   build_loss(KD), data.train, data.test, teacher=teacher)
+    result = train(stage(tmp_path, build_speed("bf16", False, False, torch.device("cpu"))),
+                   StepForward(student, teacher), build_loss(KD), data.train, data.test)
     assert torch.bfloat16 in dtypes  # training passes (student and teacher) ran in bf16
     assert torch.float32 in dtypes   # evaluation stays fp32
     for record in result.history:

@@ -202,7 +202,12 @@ def test_no_figures_means_matplotlib_is_never_imported(tmp_path):
 
 
 def test_printed_summary_has_nll_ece_and_the_fidelity_line():
-    from kdrun.run.pipeline import result_table
+    from kdrun.paradigms.offline import footer
+    from kdrun.run.results import table
+
+    def result_table(metrics: dict) -> str:  # what an offline run prints
+        rows = [("teacher", metrics["teacher"]), ("baseline", metrics["baseline"]), ("distilled", metrics["student"])]
+        return table(rows, footer(metrics))
 
     text = result_table(sample_metrics())
     header, teacher, baseline, student, gain, fidelity = text.splitlines()

@@ -12,12 +12,13 @@ from kdrun.config.schema import register_configs
 from kdrun.data import build_dataset
 from kdrun.data.augment import RandomCropFlip
 from kdrun.engine import teacher_cache
-from kdrun.engine.precision import Speed
+from kdrun.engine.speed import Speed
 from kdrun.engine.teacher_cache import cache_spec, check_cacheable, load_or_build
 from kdrun.errors import KdrunError
 from kdrun.models import create_model
 from kdrun.paths import conf_dir
-from kdrun.stages.roles import RunContext, distill_student
+from kdrun.stages.context import RunContext
+from kdrun.stages.roles import distill_student
 
 register_configs()
 TEACHER = "cifar:resnet14"
@@ -58,14 +59,14 @@ def test_cache_gives_the_live_teacher_losses_without_calling_it(tmp_path, method
     steps = TRAIN_SIZE // BATCH  # 1 epoch
     teacher = fixed_teacher()
     counter = CallCounter(teacher)
-    live = distill_student(context(tmp_path / "live", method, cache=False), teacher, 0.5, resume=False)
+    live = distill_student(context(tmp_path / "live", method, cache=False), teacher, 0.5)
     live_calls = counter.calls
 
     counter.calls = 0
-    first = distill_student(context(tmp_path / "first", method, cache=True), teacher, 0.5, resume=False)
+    first = distill_student(context(tmp_path / "first", method, cache=True), teacher, 0.5)
     first_calls = counter.calls
     counter.calls = 0
-    second = distill_student(context(tmp_path / "second", method, cache=True), teacher, 0.5, resume=False)
+    second = distill_student(context(tmp_path / "second", method, cache=True), teacher, 0.5)
     reuse_calls = counter.calls
 
     # Training never runs the teacher: only the one pass over the training set that fills the cache

@@ -7,6 +7,7 @@ import torch
 from kdrun.data import build_dataset
 from kdrun.distill import build_loss, hard_label_loss
 from kdrun.engine.cache import stage_key
+from kdrun.engine.forward import StepForward
 from kdrun.engine.trainer import Recipe, Stage, train
 from kdrun.models import create_model
 
@@ -29,7 +30,7 @@ def test_teacher_gets_no_gradient_and_student_learns(tmp_path):
     teacher_before = copy.deepcopy(teacher.state_dict())
     student_before = copy.deepcopy(student.state_dict())
     loss = build_loss({"terms": {"ce": {"type": "ce", "weight": 0.1}, "kd": {"type": "kd", "weight": 0.9, "T": 4}}})
-    result = train(stage(tmp_path), student, loss, data.train, data.test, teacher=teacher)
+    result = train(stage(tmp_path), StepForward(student, teacher), loss, data.train, data.test)
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, teacher_before[name]), f"teacher {name} changed"  # BN stats included
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
@@ -42,7 +43,7 @@ def test_training_improves_accuracy_on_learnable_data(tmp_path):
     data = tiny_data()
     torch.manual_seed(0)
     model = create_model("cifar:resnet8", 10, 3)
-    result = train(stage(tmp_path, epochs=4), model, hard_label_loss(), data.train, data.test)
+    result = train(stage(tmp_path, epochs=4), StepForward(model), hard_label_loss(), data.train, data.test)
     assert result.history[-1]["val_top1"] > 0.5  # chance is 0.1
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
     assert result.best_top1 == max(h["val_top1"] for h in result.history)
@@ -54,7 +55,8 @@ def test_same_seed_same_result(tmp_path):
     for i in range(2):
         torch.manual_seed(0)
         model = create_model("cifar:resnet8", 10, 3)
-        runs.append(train(stage(tmp_path / str(i)), model, hard_label_loss(), data.train, data.test).history[0])
+        runs.append(train(stage(tmp_path / str(i)), StepForward(model), hard_label_loss(), data.train,
+                          data.test).history[0])
     for key in ("loss", "train_top1", "val_top1"):
         assert runs[0][key] == runs[1][key]
 

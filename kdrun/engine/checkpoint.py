@@ -28,6 +28,17 @@ def save_atomic(obj: Any, path: Path, keep_previous: Optional[Path] = None) -> N
     os.replace(tmp, path)
 
 
+def model_checkpoint(model: nn.Module, meta: Mapping[str, Any], stage: str, **extra: Any) -> dict:
+    """The one checkpoint layout kdrun writes: format tag, the model's metadata (model_name, num_classes,
+    in_chans, dataset), the stage that wrote it, the weights, and whatever else the writer keeps
+    (history, training state); loadable with teacher.checkpoint=PATH or student.checkpoint=PATH."""
+    return {"format": FORMAT, "version": 1, **meta, "stage": stage, "model": model.state_dict(), **extra}
+
+
+def save_model(path: Path, model: nn.Module, meta: Mapping[str, Any], stage: str, **extra: Any) -> None:
+    save_atomic(model_checkpoint(model, meta, stage, **extra), path)
+
+
 def is_kdrun_checkpoint(obj: Any) -> bool:
     return isinstance(obj, Mapping) and obj.get("format") == FORMAT
 

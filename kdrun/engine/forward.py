@@ -67,6 +67,18 @@ class StepForward:
             raise KdrunError("mlkd's prediction augmentation needs one live teacher and one student (not "
                              "teacher.cache, several teachers or peers): pass distill.terms.mlkd.augment=false")
 
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher is not None or self.teacher_outputs is not None
+
+    def prepare_teacher(self, device: torch.device, speed) -> None:
+        """The live teacher on the device, frozen, in the run's precision and memory layout."""
+        if self.teacher is None:
+            return
+        self.teacher.to(device).eval().requires_grad_(False)
+        if self.teacher_outputs is None:  # with cached outputs the model never runs in a step
+            speed.prepare(self.features.teacher if self.features is not None else self.teacher)
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, epoch: int) -> StepContext:
         ctx = self._weak(images, labels, indices, epoch)
         if self.strong_view is not None:

@@ -31,7 +31,7 @@ from kdrun.engine import distributed
 from kdrun.engine.cache import CacheEntry, stage_key
 from kdrun.engine.forward import FeaturePairing
 from kdrun.engine.loaders import Batches
-from kdrun.engine.precision import Speed
+from kdrun.engine.speed import Speed
 from kdrun.errors import KdrunError
 
 CACHE_STAGE = "teacher_outputs"

@@ -1,31 +1,17 @@
-"""Training paradigms: how the models of a run are trained, chosen with `paradigm=NAME` (conf/paradigm/).
+"""Training paradigms: which models a run trains and how, chosen with `paradigm=NAME` (conf/paradigm/).
 
-`offline` (the default) is kdrun.run.pipeline's own path; every other paradigm is a small module here that
-reuses the stages (kdrun.stages.roles), the one training loop (kdrun.engine.trainer), the stage cache and the
-metrics, and writes the same kinds of outputs: metrics.json, checkpoints/, TensorBoard events.
-Imports stay light here (the CLI validates settings before torch loads); each runner loads its own module.
+Each paradigm is one module here that registers a function `run(ctx) -> ParadigmResult` with
+`@PARADIGMS.register("name")`: it obtains or trains its models through kdrun.stages.roles, evaluates
+each (kdrun.paradigms.result.model_metrics) and returns them; the run pipeline (kdrun.run) writes
+metrics.json, TensorBoard and the table. A new paradigm is one file here plus one YAML in conf/paradigm/:
+every module of this package is imported below, so its registration runs without a list to extend.
 """
-from __future__ import annotations
-
 import importlib
+import pkgutil
 
-from kdrun.config.paradigm_checks import PARADIGMS, paradigm_name, unread_settings
+from kdrun.paradigms.registry import PARADIGMS
 
-# paradigm name -> "module:function" under kdrun.paradigms; the function is run(ctx, started) -> metrics
-RUNNERS = {
-    "teacher": "single_stage:run_teacher",
-    "baseline": "single_stage:run_baseline",
-    "online": "online:run",
-    "self": "born_again:run",
-    "multi_teacher": "multi_teacher:run",
-    "assistant": "assistant:run",
-}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def run_paradigm(ctx, started: float) -> dict:
-    """Run the paradigm `ctx.cfg.paradigm.name` (anything but offline) and return its metrics."""
-    module, function = RUNNERS[paradigm_name(ctx.cfg)].split(":")
-    return getattr(importlib.import_module(f"kdrun.paradigms.{module}"), function)(ctx, started)
-
-
-__all__ = ["RUNNERS", "PARADIGMS", "paradigm_name", "run_paradigm", "unread_settings"]
+__all__ = ["PARADIGMS"]

@@ -10,14 +10,16 @@ import logging
 
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.models import check_model_name
-from kdrun.stages.derive import derive, plain
-from kdrun.run.results import comparisons, finish, header, model_metrics, test_logits, training_summary
-from kdrun.stages.roles import RunContext, distill_student, obtain_baseline, obtain_teacher
+from kdrun.paradigms.registry import PARADIGMS
+from kdrun.paradigms.result import ParadigmResult, model_metrics, term_temperatures, test_logits, training_summary
+from kdrun.stages.context import RunContext, derive, plain
+from kdrun.stages.roles import distill_student, obtain_baseline, obtain_teacher
 
 log = logging.getLogger("kdrun")
 
 
-def run(ctx: RunContext, started: float) -> dict:
+@PARADIGMS.register("assistant")
+def run(ctx: RunContext) -> ParadigmResult:
     cfg = ctx.cfg
     assistant_cfg = plain(cfg.assistant)
     check_model_name(assistant_cfg["name"], "assistant")
@@ -38,7 +40,7 @@ def run(ctx: RunContext, started: float) -> dict:
     # The assistant takes the student's role (model and recipe) for its stage, in its own directory.
     assistant_ctx = derive(ctx, run_dir=ctx.run_dir / "assistant", student=assistant_cfg)
     log.info("assistant: %s distils from the teacher %s", assistant_cfg["name"], cfg.teacher.name)
-    assistant = distill_student(assistant_ctx, teacher.model, teacher_metrics["top1"], resume=True)
+    assistant = distill_student(assistant_ctx, teacher.model, teacher_metrics["top1"])
     assistant_logits, _ = test_logits(ctx, assistant.model)
     assistant_metrics = model_metrics(ctx, assistant.model, assistant_cfg["name"], assistant_logits, labels,
                                       **fidelity_metrics(assistant_logits, teacher_logits, cfg.T),
@@ -47,19 +49,19 @@ def run(ctx: RunContext, started: float) -> dict:
     # Then the assistant takes the teacher's role (feature taps are built for its name).
     student_ctx = derive(ctx, teacher=assistant_cfg)
     log.info("student: %s distils from the assistant %s", cfg.student.name, assistant_cfg["name"])
-    student = distill_student(student_ctx, assistant.model, assistant_metrics["top1"], resume=True)
+    student = distill_student(student_ctx, assistant.model, assistant_metrics["top1"])
     student_logits, _ = test_logits(ctx, student.model)
     teacher_agreement = fidelity_metrics(student_logits, teacher_logits, cfg.T)["agreement"]
     student_metrics = model_metrics(ctx, student.model, cfg.student.name, student_logits, labels,
                                     **fidelity_metrics(student_logits, assistant_logits, cfg.T),
                                     teacher_agreement=teacher_agreement, **training_summary(student.result))
 
-    metrics = {**header(ctx), "teacher": teacher_metrics, "assistant": assistant_metrics, "baseline": baseline,
-               "student": student_metrics, **comparisons(student_metrics, teacher_metrics, baseline),
-               "history": student.result.history}
     rows = [("teacher", teacher_metrics), ("assistant", assistant_metrics), ("baseline", baseline),
             ("distilled", student_metrics)]
-    footer = "" if baseline is None else (
-        f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
-        f"(T={cfg.T}, alpha={cfg.alpha}, {metrics['method']} through {assistant_cfg['name']})")
-    return finish(ctx, metrics, started, rows, footer)
+    return ParadigmResult(
+        models={"teacher": teacher_metrics, "assistant": assistant_metrics, "baseline": baseline,
+                "student": student_metrics},
+        rows=rows, history=student.result.history, temperatures=term_temperatures(student.loss),
+        footer=lambda metrics: "" if baseline is None else (
+            f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
+            f"(T={cfg.T}, alpha={cfg.alpha}, {metrics['method']} through {assistant_cfg['name']})"))

@@ -13,10 +13,11 @@ import torch
 
 from kdrun.engine.group import ModelGroup, ensemble_logits
 from kdrun.evaluation.metrics import fidelity_metrics
-from kdrun.stages.derive import derive, plain
-from kdrun.run.results import (combined_cost, comparisons, finish, header, log_test_scalars, model_metrics,
+from kdrun.paradigms.registry import PARADIGMS
+from kdrun.paradigms.result import (ParadigmResult, combined_cost, log_test_scalars, model_metrics, term_temperatures,
                                     test_logits, training_summary)
-from kdrun.stages.roles import RunContext, distill_student, obtain_teacher
+from kdrun.stages.context import RunContext, derive, plain
+from kdrun.stages.roles import distill_student, obtain_teacher
 from kdrun.tensorboard.writer import open_writer
 
 log = logging.getLogger("kdrun")
@@ -44,7 +45,8 @@ def load_generation(ctx: RunContext, k: int, generations: int):
     return model.to(ctx.device)
 
 
-def run(ctx: RunContext, started: float) -> dict:
+@PARADIGMS.register("self")
+def run(ctx: RunContext) -> ParadigmResult:
     cfg = ctx.cfg
     generations = int(cfg.paradigm.get("generations", 2))
     teacher = obtain_teacher(ctx)
@@ -60,7 +62,7 @@ def run(ctx: RunContext, started: float) -> dict:
         if k > 1:
             previous = load_generation(ctx, k - 1, generations)
         log.info("self: generation %d distils from generation %d", k, k - 1)
-        outcome = distill_student(gen_ctx, previous, results[-1]["top1"], resume=True)
+        outcome = distill_student(gen_ctx, previous, results[-1]["top1"])
         gen_logits, _ = test_logits(ctx, outcome.model)
         results.append(model_metrics(ctx, outcome.model, cfg.teacher.name, gen_logits, labels, generation=k,
                                      **fidelity_metrics(gen_logits, logits[-1], cfg.T),
@@ -76,13 +78,15 @@ def run(ctx: RunContext, started: float) -> dict:
     _log_generations(ctx, results, ensemble)
 
     student = results[-1]
-    metrics = {**header(ctx), "teacher": teacher_metrics, "baseline": None, "student": student,
-               "generations": results, "ensemble": ensemble, **comparisons(student, teacher_metrics, None),
-               "gain_over_teacher": student["top1"] - teacher_metrics["top1"], "history": outcome.result.history}
     rows = [("teacher" if r["generation"] == 0 else f"gen {r['generation']}", r) for r in results]
-    return finish(ctx, metrics, started, rows + [("ensemble", ensemble)],
-                  f"gain over the teacher: {100 * metrics['gain_over_teacher']:+.2f} points "
-                  f"after {generations} generation(s) (T={cfg.T}, alpha={cfg.alpha}, {metrics['method']})")
+    gain_over_teacher = student["top1"] - teacher_metrics["top1"]
+    return ParadigmResult(
+        models={"teacher": teacher_metrics, "baseline": None, "student": student, "generations": results,
+                "ensemble": ensemble},
+        rows=rows + [("ensemble", ensemble)], history=outcome.result.history,
+        extra={"gain_over_teacher": gain_over_teacher}, temperatures=term_temperatures(outcome.loss),
+        footer=lambda metrics: (f"gain over the teacher: {100 * gain_over_teacher:+.2f} points after {generations} "
+                                f"generation(s) (T={cfg.T}, alpha={cfg.alpha}, {metrics['method']})"))
 
 
 def _log_generations(ctx: RunContext, results: list[dict], ensemble) -> None:

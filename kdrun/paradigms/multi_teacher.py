@@ -12,12 +12,14 @@ import logging
 import torch
 
 from kdrun.distill.multi_teacher import mixture_log_probs, multi_teacher_loss, teacher_weights
+from kdrun.engine.forward import StepForward
 from kdrun.engine.group import ModelGroup
 from kdrun.evaluation.metrics import fidelity_metrics
-from kdrun.stages.derive import derive, model_config, train_stage
-from kdrun.run.results import (combined_cost, comparisons, finish, header, model_metrics, test_logits,
+from kdrun.paradigms.registry import PARADIGMS
+from kdrun.paradigms.result import (ParadigmResult, combined_cost, model_metrics, term_temperatures, test_logits,
                                     training_summary)
-from kdrun.stages.roles import RunContext, obtain_baseline, obtain_teacher
+from kdrun.stages.context import RunContext, derive, model_config
+from kdrun.stages.roles import Role, obtain_baseline, obtain_teacher, train_role
 
 log = logging.getLogger("kdrun")
 
@@ -37,7 +39,8 @@ def combined_test_logits(teacher_logits: list[torch.Tensor], labels: torch.Tenso
     return mixture_log_probs(teacher_logits, teacher_weights(teacher_logits, labels, weighting, weights), T)
 
 
-def run(ctx: RunContext, started: float) -> dict:
+@PARADIGMS.register("multi_teacher")
+def run(ctx: RunContext) -> ParadigmResult:
     cfg, settings = ctx.cfg, ctx.cfg.paradigm
     weighting = settings.get("weighting", "mean")
     weights = list(settings.weights) if settings.get("weights") is not None else None
@@ -66,8 +69,9 @@ def run(ctx: RunContext, started: float) -> dict:
 
     student = ctx.build_model("student").to(ctx.device)
     loss = multi_teacher_loss(cfg.alpha, cfg.T, weighting, weights)
-    result = train_stage(ctx, "student", student, loss, ctx.meta("student"), teacher=group,
-                         reference={"teacher": teacher_metrics["top1"]})
+    role = Role("student", StepForward(student, group), loss, ctx.meta("student"), ctx.recipe("student"),
+                reference={"teacher": teacher_metrics["top1"]})
+    result = train_role(ctx, role).result
     student_logits, _ = test_logits(ctx, student)
     fidelity = fidelity_metrics(student_logits, combined, 1.0)
     # KL at the run's T against the mixture at T: softmax(T * log p / T) = p.
@@ -76,11 +80,12 @@ def run(ctx: RunContext, started: float) -> dict:
     student_metrics = model_metrics(ctx, student, cfg.student.name, student_logits, labels, **fidelity,
                                     **training_summary(result))
 
-    metrics = {**header(ctx), "teacher": teacher_metrics, "teachers": teacher_results, "baseline": baseline,
-               "student": student_metrics, **comparisons(student_metrics, teacher_metrics, baseline),
-               "history": result.history}
     rows = [(f"teacher {k}", t) for k, t in enumerate(teacher_results)]
     rows += [("teachers", teacher_metrics), ("baseline", baseline), ("distilled", student_metrics)]
-    footer = (f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
-              f"(T={cfg.T}, alpha={cfg.alpha}, {weighting} of {len(configs)} teachers)") if baseline else ""
-    return finish(ctx, metrics, started, rows, footer)
+    return ParadigmResult(
+        models={"teacher": teacher_metrics, "teachers": teacher_results, "baseline": baseline,
+                "student": student_metrics},
+        rows=rows, history=result.history, temperatures=term_temperatures(loss),
+        footer=lambda metrics: (f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
+                                f"(T={cfg.T}, alpha={cfg.alpha}, {weighting} of {len(configs)} teachers)")
+        if baseline else "")

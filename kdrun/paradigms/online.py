@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 
 from kdrun.distill.mutual import mutual_learning_loss
+from kdrun.engine.checkpoint import save_model
 from kdrun.engine.evaluate import predict
+from kdrun.engine.forward import StepForward
 from kdrun.engine.group import ModelGroup, ensemble_logits
 from kdrun.evaluation.metrics import fidelity_metrics
-from kdrun.stages.derive import derive, model_config, model_meta, plain, save_model, train_stage
-from kdrun.run.results import (combined_cost, comparisons, finish, header, log_test_scalars, model_metrics,
+from kdrun.paradigms.registry import PARADIGMS
+from kdrun.paradigms.result import (ParadigmResult, combined_cost, log_test_scalars, model_metrics, term_temperatures,
                                     test_logits)
-from kdrun.stages.roles import RunContext, obtain_baseline
+from kdrun.stages.context import RunContext, derive, model_config, plain
+from kdrun.stages.roles import Role, obtain_baseline, train_role
 from kdrun.tensorboard.writer import open_writer
 
 log = logging.getLogger("kdrun")
@@ -37,7 +40,8 @@ def build_peers(ctx: RunContext, configs: list[dict]) -> ModelGroup:
                        for k, c in enumerate(configs)])
 
 
-def run(ctx: RunContext, started: float) -> dict:
+@PARADIGMS.register("online")
+def run(ctx: RunContext) -> ParadigmResult:
     cfg, settings = ctx.cfg, ctx.cfg.paradigm
     configs = peer_configs(ctx)
     names = [c["name"] for c in configs]
@@ -56,9 +60,10 @@ def run(ctx: RunContext, started: float) -> dict:
         record["peer_val_top1"] = accuracies
         writer.flush()
 
-    meta = model_meta(ctx, "peers:" + ",".join(names))
+    role = Role("peers", StepForward(cohort), loss, ctx.model_meta("peers:" + ",".join(names)), ctx.recipe("student"),
+                on_epoch=each_peer_on_the_test_split, writer=writer)
     try:
-        result = train_stage(ctx, "peers", cohort, loss, meta, writer=writer, on_epoch=each_peer_on_the_test_split)
+        result = train_role(ctx, role).result
         peers, peer_logits, labels = _evaluate_peers(ctx, cohort, names, result.history)
         ensemble_metrics = model_metrics(ctx, cohort, f"ensemble of {len(names)}", ensemble_logits(peer_logits),
                                          labels, cost=combined_cost(peers), best_top1=result.best_top1,
@@ -68,7 +73,7 @@ def run(ctx: RunContext, started: float) -> dict:
     finally:
         writer.close()
     for k, peer in enumerate(cohort.members):
-        save_model(ctx.run_dir / "checkpoints" / f"peer{k}.pt", peer, model_meta(ctx, names[k]), f"peer{k}",
+        save_model(ctx.run_dir / "checkpoints" / f"peer{k}.pt", peer, ctx.model_meta(names[k]), f"peer{k}",
                    history=result.history)
 
     baselines = _baselines(ctx, configs) if cfg.baseline else {}
@@ -77,12 +82,13 @@ def run(ctx: RunContext, started: float) -> dict:
         peer["baseline_top1"] = baseline["top1"] if baseline else None
         peer["gain_over_baseline"] = peer["top1"] - baseline["top1"] if baseline else None
     student, baseline = peers[0], baselines.get(_key(configs[0]))
-    metrics = {**header(ctx), "teacher": None, "baseline": baseline, "student": student, "peers": peers,
-               "ensemble": ensemble_metrics, **comparisons(student, None, baseline), "history": result.history}
     rows = [(f"peer {k}", p) for k, p in enumerate(peers)] + [("ensemble", ensemble_metrics), ("baseline", baseline)]
     footer = "  ".join(f"peer {k}: {100 * p['gain_over_baseline']:+.2f} points over its baseline"
                        for k, p in enumerate(peers) if p["gain_over_baseline"] is not None)
-    return finish(ctx, metrics, started, rows, footer)
+    return ParadigmResult(models={"teacher": None, "baseline": baseline, "student": student, "peers": peers,
+                                  "ensemble": ensemble_metrics},
+                          rows=rows, history=result.history, footer=lambda metrics: footer,
+                          temperatures=term_temperatures(loss))
 
 
 def _evaluate_peers(ctx: RunContext, cohort: ModelGroup, names: list[str], history: list[dict]):

@@ -9,31 +9,34 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from kdrun.engine.checkpoint import read_checkpoint
-from kdrun.stages.derive import save_model
-from kdrun.run.results import finish, header, log_test_scalars, model_metrics, test_logits
-from kdrun.stages.roles import RunContext, StageOutcome, obtain_baseline, obtain_teacher
+from kdrun.engine.checkpoint import read_checkpoint, save_model
+from kdrun.paradigms.registry import PARADIGMS
+from kdrun.paradigms.result import ParadigmResult, log_test_scalars, model_metrics, test_logits
+from kdrun.stages.context import RunContext
+from kdrun.stages.roles import StageOutcome, obtain_baseline, obtain_teacher
 from kdrun.tensorboard.writer import open_writer
 
 
-def run_teacher(ctx: RunContext, started: float) -> dict:
-    return _run(ctx, started, obtain_teacher(ctx), role="teacher", key="teacher")
+@PARADIGMS.register("teacher")
+def run_teacher(ctx: RunContext) -> ParadigmResult:
+    return _one_stage(ctx, obtain_teacher(ctx), role="teacher", key="teacher")
 
 
-def run_baseline(ctx: RunContext, started: float) -> dict:
-    return _run(ctx, started, obtain_baseline(ctx), role="student", key="baseline")
+@PARADIGMS.register("baseline")
+def run_baseline(ctx: RunContext) -> ParadigmResult:
+    return _one_stage(ctx, obtain_baseline(ctx), role="student", key="baseline")
 
 
-def _run(ctx: RunContext, started: float, outcome: StageOutcome, role: str, key: str) -> dict:
+def _one_stage(ctx: RunContext, outcome: StageOutcome, role: str, key: str) -> ParadigmResult:
     logits, labels = test_logits(ctx, outcome.model)
     metrics_of_model = model_metrics(ctx, outcome.model, ctx.cfg[role].name, logits, labels,
                                      source=outcome.source, path=outcome.path)
     history = stage_history(outcome)
     export(ctx, outcome, role, key, history, metrics_of_model)
-    metrics = {**header(ctx), "teacher": None, "baseline": None, "student": None, key: metrics_of_model,
-               "checkpoint": str(ctx.run_dir / "checkpoints" / "last.pt"), "history": history}
-    return finish(ctx, metrics, started, [(key, metrics_of_model)],
-                  f"saved {key} to {metrics['checkpoint']} (and the stage cache)")
+    checkpoint = str(ctx.run_dir / "checkpoints" / "last.pt")
+    return ParadigmResult(models={"teacher": None, "baseline": None, "student": None, key: metrics_of_model},
+                          rows=[(key, metrics_of_model)], history=history, extra={"checkpoint": checkpoint},
+                          footer=lambda metrics: f"saved {key} to {checkpoint} (and the stage cache)")
 
 
 def stage_history(outcome: StageOutcome) -> list[dict]:

@@ -1,31 +1,28 @@
-"""The three model stages of an experiment: teacher, baseline student, distilled student.
+"""The models of a run, each in a role: the teacher (loaded, cached or trained), the baseline student
+(hard labels, cached) and the distilled student; paradigms add peers, generations and an assistant.
 
-Teacher and baseline do not depend on T or alpha, so they go through the stage cache and a sweep
-trains each of them once.
+`train_role` is the one function that trains a model in any role. A role with a cache spec goes
+through the stage cache (outputs/cache/<stage>/<key>/): teacher and baseline do not depend on T or
+alpha, so a sweep trains each of them once, even with parallel jobs.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
-import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdrun.config.schema import stage_epochs, stage_lr
-from kdrun.data import DataBundle
 from kdrun.data.strong_view import strong_view_for
-from kdrun.distill import build_loss, hard_label_loss, needs_features
+from kdrun.distill import DistillLoss, build_loss, hard_label_loss, needs_features
 from kdrun.engine import distributed
 from kdrun.engine.cache import CacheEntry, stage_key
-from kdrun.engine.checkpoint import FORMAT, load_model_weights, save_atomic
-from kdrun.engine.forward import FeaturePairing
-from kdrun.engine.precision import Speed, numerics_key
+from kdrun.engine.checkpoint import load_model_weights, save_model
+from kdrun.engine.forward import FeaturePairing, StepForward
+from kdrun.engine.speed import numerics_key
 from kdrun.engine.trainer import Recipe, Stage, StageResult, train
 from kdrun.errors import KdrunError
-from kdrun.models import create_model
+from kdrun.stages.context import RunContext, plain
 from kdrun.tensorboard.soft_targets import soft_target_logger
 from kdrun.tensorboard.writer import open_writer, write_layout
 
@@ -38,67 +35,86 @@ class StageOutcome:
     source: str                        # trained, cache, checkpoint
     path: Optional[str] = None         # where its weights are
     result: Optional[StageResult] = None
+    loss: Optional[DistillLoss] = None  # what it was trained with, where this run trained it
 
 
 @dataclass
-class RunContext:
-    cfg: DictConfig
-    data: DataBundle
-    device: torch.device
-    run_dir: Path
-    progress: bool
-    speed: Speed = field(default_factory=Speed)
-    overrides: list[str] = field(default_factory=list)  # the command line's, kept in metrics.json
-
-    @property
-    def data_workers(self) -> int:
-        return int(self.cfg.dataset.get("num_workers", 0))
-
-    @property
-    def cache_root(self) -> Path:
-        return Path(self.cfg.cache_dir).expanduser()
-
-    def recipe(self, role: str) -> Recipe:
-        cfg = self.cfg
-        return Recipe(epochs=stage_epochs(cfg, role), lr=stage_lr(cfg, role), batch_size=cfg.batch_size,
-                      optim=_plain(cfg.optim), sched=_plain(cfg.sched), seed=cfg.seed)
-
-    def build_model(self, role: str) -> nn.Module:
-        model_cfg = self.cfg[role]
-        # Seeding right before construction gives the baseline and the distilled student the same init.
-        torch.manual_seed(self.cfg.seed)
-        return create_model(model_cfg.name, self.data.num_classes, self.data.in_chans,
-                            pretrained=model_cfg.pretrained, role=role, image_size=self.data.image_size,
-                            **_plain(model_cfg.kwargs))
-
-    def meta(self, role: str) -> dict:
-        return {"model_name": self.cfg[role].name, "num_classes": self.data.num_classes,
-                "in_chans": self.data.in_chans, "dataset": self.data.name}
+class Role:
+    """A model to train in one stage of a run, and what it learns from."""
+    stage: str                      # teacher, baseline, student, peers, ...: log label, checkpoint's `stage`
+    forward: StepForward            # the model (forward.student) and its teacher, cache, taps or strong view
+    loss: DistillLoss
+    meta: dict                      # model_name, num_classes, in_chans, dataset: kept in every checkpoint
+    recipe: Recipe
+    cache_spec: Optional[dict] = None   # set: trained once into the stage cache under this key, then reused
+    reference: dict = field(default_factory=dict)   # accuracies drawn beside the validation curve
+    on_epoch: Optional[Callable[[int, dict], None]] = None
+    writer: Any = None              # a TensorBoard writer the caller keeps open; None: one for this stage
 
 
-def _plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+def train_role(ctx: RunContext, role: Role) -> StageOutcome:
+    """Train the role's model (or reuse it from the stage cache); an interrupted stage resumes."""
+    model = role.forward.student
+    if role.cache_spec is None:
+        result = _train(ctx, role, ctx.run_dir / "checkpoints", ctx.run_dir)
+        return StageOutcome(model, "trained", str(ctx.run_dir / "checkpoints" / "last.pt"), result, role.loss)
+    entry = CacheEntry(ctx.cache_root, role.stage, stage_key(role.cache_spec))
+    name = role.meta["model_name"]
+    with distributed.rank_zero_lock(entry.lock):  # parallel sweep jobs wait here while one of them builds the stage
+        if distributed.from_rank_zero(entry.complete()):
+            load_model_weights(model, entry.model_path, f"{role.stage} cache", name, ctx.data.num_classes)
+            log.info("%s: reusing cached %s from %s", role.stage, name, entry.directory)
+            return StageOutcome(model.to(ctx.device), "cache", str(entry.model_path))
+        log.info("%s: training %s for %d epochs (cached in %s)", role.stage, name, role.recipe.epochs, entry.directory)
+        if distributed.is_main():
+            entry.write_spec(role.cache_spec)
+        result = _train(ctx, role, entry.directory, entry.directory / "tb")
+        if distributed.is_main():
+            save_model(entry.model_path, model, role.meta, role.stage, history=result.history, spec=role.cache_spec)
+        distributed.barrier()  # the others go on once the stage is in the cache
+        return StageOutcome(model, "trained", str(entry.model_path), result, role.loss)
+
+
+def _train(ctx: RunContext, role: Role, checkpoint_dir, log_dir) -> StageResult:
+    writer = role.writer if role.writer is not None else open_writer(log_dir)
+    stage = Stage(role.stage, role.recipe, ctx.device, checkpoint_dir, role.meta, writer, ctx.progress,
+                  role.reference, num_workers=ctx.data_workers, speed=ctx.speed, on_epoch=role.on_epoch)
+    try:
+        return train(stage, role.forward, role.loss, ctx.data.train, ctx.data.test)
+    finally:
+        if role.writer is None:
+            writer.close()
+
+
+def hard_label_role(ctx: RunContext, stage: str, role: str) -> Role:
+    """The model in `role` trained on hard labels alone, through the stage cache."""
+    model_cfg, recipe = ctx.cfg[role], ctx.recipe(role)
+    spec = {"stage": stage, "model": {"name": model_cfg.name, "pretrained": model_cfg.pretrained,
+                                      "kwargs": plain(model_cfg.kwargs)},
+            "dataset": plain(ctx.cfg.dataset), "recipe": vars(recipe), **numerics_key(ctx.speed)}
+    return Role(stage, StepForward(ctx.build_model(role)), hard_label_loss(), ctx.meta(role), recipe, cache_spec=spec)
 
 
 def obtain_teacher(ctx: RunContext) -> StageOutcome:
-    model = ctx.build_model("teacher")
     checkpoint = ctx.cfg.teacher.checkpoint
     if checkpoint:
+        model = ctx.build_model("teacher")
         load_model_weights(model, checkpoint, "teacher.checkpoint", ctx.cfg.teacher.name, ctx.data.num_classes)
         log.info("teacher: loaded %s from %s", ctx.cfg.teacher.name, checkpoint)
         return StageOutcome(model.to(ctx.device), "checkpoint", str(checkpoint))
-    return _cached_stage(ctx, "teacher", "teacher", model)
+    return train_role(ctx, hard_label_role(ctx, "teacher", "teacher"))
 
 
 def obtain_baseline(ctx: RunContext) -> StageOutcome:
-    return _cached_stage(ctx, "baseline", "student", ctx.build_model("student"))
+    return train_role(ctx, hard_label_role(ctx, "baseline", "student"))
 
 
-def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float, resume: bool) -> StageOutcome:
+def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float) -> StageOutcome:
+    """The student (ctx's `student` role) trained with the run's distill method from `teacher`."""
     model = ctx.build_model("student").to(ctx.device)
     # Frozen from here on: even a dummy probe in train mode would move the teacher's BatchNorm statistics.
     teacher.to(ctx.device).eval().requires_grad_(False)
-    distill_cfg = _plain(ctx.cfg.distill)
+    distill_cfg = plain(ctx.cfg.distill)
     pairing, shapes = None, None
     if needs_features(distill_cfg):
         pairing = pair_features(ctx, model, teacher, distill_cfg)
@@ -113,19 +129,16 @@ def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float, re
 
         outputs = teacher_outputs_for_run(ctx, teacher, pairing, ctx.speed)
         log.info("teacher outputs: %s %s", "reusing" if outputs.reused else "cached", outputs.directory)
+    forward = StepForward(model, teacher if loss.needs_teacher else None, pairing, outputs,
+                          strong_view_for(loss, ctx.data))
     writer = open_writer(ctx.run_dir)
     write_layout(writer)
     figures = soft_target_logger(writer, ctx.data, model, teacher, ctx.cfg.T, int(ctx.cfg.tb_figures), ctx.device)
-    stage = Stage("student", ctx.recipe("student"), ctx.device, ctx.run_dir / "checkpoints",
-                  ctx.meta("student"), writer, ctx.progress, {"teacher": teacher_top1},
-                  num_workers=ctx.data_workers, speed=ctx.speed)
     try:
-        result = train(stage, model, loss, ctx.data.train, ctx.data.test,
-                       teacher=teacher if loss.needs_teacher else None, resume=resume, features=pairing,
-                       on_epoch=figures, teacher_outputs=outputs, strong_view=strong_view_for(loss, ctx.data))
+        return train_role(ctx, Role("student", forward, loss, ctx.meta("student"), ctx.recipe("student"),
+                                    reference={"teacher": teacher_top1}, on_epoch=figures, writer=writer))
     finally:
         writer.close()
-    return StageOutcome(model, "trained", str(ctx.run_dir / "checkpoints" / "last.pt"), result)
 
 
 def pair_features(ctx: RunContext, student: nn.Module, teacher: nn.Module, distill_cfg: dict) -> FeaturePairing:
@@ -148,33 +161,3 @@ def pair_features(ctx: RunContext, student: nn.Module, teacher: nn.Module, disti
     else:
         pairs = match_stages(student_taps, teacher_taps)
     return FeaturePairing(student_taps, teacher_taps, *pairs)
-
-
-def _cached_stage(ctx: RunContext, stage_name: str, role: str, model: nn.Module) -> StageOutcome:
-    recipe = ctx.recipe(role)
-    model_cfg = ctx.cfg[role]
-    spec = {"stage": stage_name, "model": {"name": model_cfg.name, "pretrained": model_cfg.pretrained,
-                                           "kwargs": _plain(model_cfg.kwargs)},
-            "dataset": _plain(ctx.cfg.dataset), "recipe": vars(recipe), **numerics_key(ctx.speed)}
-    entry = CacheEntry(ctx.cache_root, stage_name, stage_key(spec))
-    with distributed.rank_zero_lock(entry.lock):  # parallel sweep jobs wait here while one of them builds the stage
-        if distributed.from_rank_zero(entry.complete()):
-            load_model_weights(model, entry.model_path, f"{stage_name} cache", model_cfg.name, ctx.data.num_classes)
-            log.info("%s: reusing cached %s from %s", stage_name, model_cfg.name, entry.directory)
-            return StageOutcome(model.to(ctx.device), "cache", str(entry.model_path))
-        log.info("%s: training %s for %d epochs (cached in %s)", stage_name, model_cfg.name, recipe.epochs,
-                 entry.directory)
-        if distributed.is_main():
-            entry.write_spec(spec)
-        writer = open_writer(entry.directory / "tb")
-        stage = Stage(stage_name, recipe, ctx.device, entry.directory, ctx.meta(role), writer, ctx.progress,
-                      num_workers=ctx.data_workers, speed=ctx.speed)
-        try:
-            result = train(stage, model, hard_label_loss(), ctx.data.train, ctx.data.test)
-        finally:
-            writer.close()
-        if distributed.is_main():
-            save_atomic({"format": FORMAT, "version": 1, **ctx.meta(role), "stage": stage_name,
-                         "model": model.state_dict(), "history": result.history, "spec": spec}, entry.model_path)
-        distributed.barrier()  # the others go on once the stage is in the cache
-        return StageOutcome(model, "trained", str(entry.model_path), result)

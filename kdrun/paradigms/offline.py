@@ -1,0 +1,57 @@
+"""paradigm=offline (the default): teacher, then the baseline student on hard labels, then the student
+distilled from the teacher (Hinton, Vinyals & Dean 2015, and every method in conf/distill/)."""
+from __future__ import annotations
+
+import logging
+
+from kdrun.evaluation.metrics import fidelity_metrics
+from kdrun.paradigms.registry import PARADIGMS
+from kdrun.paradigms.result import (ParadigmResult, model_metrics, term_temperatures, test_logits,
+                                    training_summary)
+from kdrun.stages.context import RunContext
+from kdrun.stages.roles import distill_student, obtain_baseline, obtain_teacher
+
+log = logging.getLogger("kdrun")
+
+
+@PARADIGMS.register("offline")
+def run(ctx: RunContext) -> ParadigmResult:
+    cfg = ctx.cfg
+    teacher = obtain_teacher(ctx)
+    teacher_logits, labels = test_logits(ctx, teacher.model)
+    teacher_metrics = model_metrics(ctx, teacher.model, cfg.teacher.name, teacher_logits, labels,
+                                    source=teacher.source, path=teacher.path)
+    log.info("teacher %s: test top-1 %.2f%%", cfg.teacher.name, 100 * teacher_metrics["top1"])
+
+    baseline_metrics = None
+    if cfg.baseline:
+        baseline = obtain_baseline(ctx)
+        logits, _ = test_logits(ctx, baseline.model)
+        baseline_metrics = model_metrics(ctx, baseline.model, cfg.student.name, logits, labels,
+                                         source=baseline.source, path=baseline.path)
+        log.info("baseline %s: test top-1 %.2f%%", cfg.student.name, 100 * baseline_metrics["top1"])
+
+    student = distill_student(ctx, teacher.model, teacher_metrics["top1"])
+    student_logits, _ = test_logits(ctx, student.model)
+    student_metrics = model_metrics(ctx, student.model, cfg.student.name, student_logits, labels,
+                                    **fidelity_metrics(student_logits, teacher_logits, cfg.T),
+                                    **training_summary(student.result))
+    return ParadigmResult(
+        models={"teacher": teacher_metrics, "baseline": baseline_metrics, "student": student_metrics},
+        rows=[("teacher", teacher_metrics), ("baseline", baseline_metrics), ("distilled", student_metrics)],
+        history=student.result.history, footer=footer, temperatures=term_temperatures(student.loss),
+        test_logits={"teacher": teacher_logits, "student": student_logits}, labels=labels)
+
+
+def footer(metrics: dict) -> str:
+    """The gain over the baseline, then how the student follows the teacher and what it saves."""
+    lines = []
+    if metrics["gain_over_baseline"] is not None:
+        lines.append(f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
+                     f"(T={metrics['T']}, alpha={metrics['alpha']}, {metrics['method']})")
+    student, retained = metrics["student"], metrics["retained"]
+    lines.append(f"student vs teacher: agreement {100 * student['agreement']:.2f}%, KL(T=1) {student['kl_t1']:.4f}, "
+                 f"KL(T={metrics['T']:g}) {student['kl_T']:.4f}, "
+                 f"retained {'n/a' if retained is None else f'{100 * retained:.1f}%'}, "
+                 f"compression {metrics['compression']:.2f}x, speed-up {metrics['speedup']:.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,4 @@
+"""The paradigm registry: `@PARADIGMS.register("name")` above a paradigm's `run(ctx) -> ParadigmResult`."""
+from kdrun.registry import Registry
+
+PARADIGMS = Registry("paradigm", "paradigm=NAME")

@@ -1,0 +1,88 @@
+"""What a paradigm returns to the run pipeline, and the evaluation of each model it trained.
+
+A paradigm trains its models (kdrun.stages.roles) and evaluates each on the test split with
+`model_metrics` (top-1/top-5/NLL/ECE, cost, plus what the paradigm adds: fidelity, best epoch, ...).
+The pipeline (kdrun.run) adds the run's header and comparisons, writes metrics.json, the TensorBoard
+summary and the printed table: no paradigm repeats that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from kdrun.engine.evaluate import predict
+from kdrun.engine.trainer import StageResult
+from kdrun.evaluation.cost import count_parameters, model_cost
+from kdrun.evaluation.metrics import classification_metrics
+from kdrun.stages.context import RunContext
+
+
+@dataclass
+class ParadigmResult:
+    """The models of a run, evaluated, and how the table shows them."""
+    models: dict[str, Any]      # metrics.json keys -> model metrics (or lists of them): teacher, baseline, student, ...
+    rows: list[tuple[str, Optional[dict]]]   # the printed table: (label, model metrics); None rows are left out
+    history: list[dict]         # per-epoch records of the final model's stage
+    footer: Callable[[dict], str] = lambda metrics: ""   # lines under the table, from the finished metrics
+    extra: dict = field(default_factory=dict)            # other metrics.json keys of this paradigm
+    temperatures: dict = field(default_factory=dict)     # loss term -> the temperature(s) it used
+    test_logits: dict[str, torch.Tensor] = field(default_factory=dict)   # for the reliability diagram
+    labels: Optional[torch.Tensor] = None
+
+
+def test_logits(ctx: RunContext, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return predict(model, ctx.data.test, ctx.cfg.batch_size, ctx.device)
+
+
+def model_metrics(ctx: RunContext, model: nn.Module, name: str, logits: torch.Tensor, labels: torch.Tensor,
+                  cost: Optional[dict] = None, **extra) -> dict:
+    """top-1/top-5/NLL/ECE of `logits`, and the cost of `model`, as metrics.json holds them."""
+    metrics = classification_metrics(logits, labels)
+    metrics.update(name=name, **extra)
+    metrics.update(cost if cost is not None else measured_cost(ctx, model, name))
+    return metrics
+
+
+_measured: dict[tuple, dict] = {}
+
+
+def measured_cost(ctx: RunContext, model: nn.Module, name: str) -> dict:
+    """params, FLOPs, latency, throughput of `model`, measured once per architecture in a run: the
+    generations and peers of one architecture cost the same, and each measurement takes seconds on a CPU."""
+    key = (str(ctx.run_dir), name, count_parameters(model))
+    if key not in _measured:
+        _measured[key] = model_cost(model, (ctx.data.in_chans, *ctx.data.image_size), ctx.cfg.batch_size,
+                                    ctx.device)
+    return dict(_measured[key])
+
+
+def combined_cost(costs: list[dict]) -> dict:
+    """The cost of running several models one after another (an ensemble, a group of teachers)."""
+    return {"params": sum(c["params"] for c in costs), "flops": sum(c["flops"] for c in costs),
+            "latency_ms": sum(c["latency_ms"] for c in costs),
+            "throughput": 1.0 / sum(1.0 / c["throughput"] for c in costs)}
+
+
+def training_summary(result: StageResult) -> dict:
+    return {"best_top1": result.best_top1, "best_epoch": result.best_epoch, "last_top1": result.last_top1}
+
+
+def term_temperatures(loss: nn.Module) -> dict:
+    """Each loss term's temperature as the term holds it: `T`, or MLKD's list of `temperatures`."""
+    found = {}
+    for name, term in getattr(loss, "terms", {}).items():
+        if hasattr(term, "temperatures"):
+            found[name] = list(term.temperatures)
+        elif isinstance(getattr(term, "T", None), (int, float)):
+            found[name] = float(term.T)
+    return found
+
+
+def log_test_scalars(writer, values: dict[str, float], step: int = 0) -> None:
+    """Test-split results as TensorBoard scalars (test/<name>), next to the training curves."""
+    for name, value in values.items():
+        writer.add_scalar(f"test/{name}", value, step)
+    writer.flush()
