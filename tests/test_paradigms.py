@@ -196,8 +196,8 @@ def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, mo
     for checkpoint in (run_dir / "gen1" / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt"):
         model = create_model("cifar:resnet14", data.num_classes, data.in_chans)
         model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
-        test_logits, test_labels = predict(model.eval(), data.test, 32, torch.device("cpu"))
-        probabilities.append(F.softmax(test_logits, dim=1))
+        predict_test_split, test_labels = predict(model.eval(), data.test, 32, torch.device("cpu"))
+        probabilities.append(F.softmax(predict_test_split, dim=1))
     mean_prediction = (probabilities[0] + probabilities[1]) / 2
     expected = (mean_prediction.argmax(1) == test_labels).float().mean().item()
     assert written["ensemble"]["top1"] == pytest.approx(expected)
@@ -326,6 +326,8 @@ def test_every_other_paradigm_runs_from_the_cli(kdrun, tmp_path):
     assert online["peers"][0]["gain_over_baseline"] == pytest.approx(
         online["peers"][0]["top1"] - online["baseline"]["top1"])
     assert len(online["history"][0]["peer_val_top1"]) == 2
+    # metrics.json records the temperature each loss term used: DML's paradigm.T, not the top-level T.
+    assert online["temperatures"] == {"peer0_kl": 1.0, "peer1_kl": 1.0} and online["T"] == 4.0
     peer1 = torch.load(jobs["online"] / "checkpoints" / "peer1.pt", weights_only=True)
     assert peer1["model_name"] == "cifar:resnet8"
     # Every peer trained: each saved peer moved away from its own start (seed + k), and stays closer to it
@@ -351,6 +353,7 @@ def test_every_other_paradigm_runs_from_the_cli(kdrun, tmp_path):
     assert [t["name"] for t in multi["teachers"]] == ["cifar:resnet14", "cifar:resnet8"]
     assert multi["teachers"][0]["source"] == "cache"  # the self job trained cifar:resnet14 as its teacher
     assert multi["teacher"]["weighting"] == "confidence" and "agreement" in multi["student"]
+    assert multi["temperatures"] == {"kd": multi["T"]}
 
     assistant = read_metrics(jobs["assistant"])
     assert assistant["assistant"]["name"] == "cifar:resnet8" and assistant["teacher"]["source"] == "cache"

@@ -11,7 +11,7 @@ import logging
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.models import check_model_name
 from kdrun.paradigms.registry import PARADIGMS
-from kdrun.paradigms.result import ParadigmResult, model_metrics, term_temperatures, test_logits, training_summary
+from kdrun.paradigms.result import ParadigmResult, model_metrics, term_temperatures, predict_test_split, training_summary
 from kdrun.stages.context import RunContext, derive, plain
 from kdrun.stages.roles import distill_student, obtain_baseline, obtain_teacher
 
@@ -25,7 +25,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     check_model_name(assistant_cfg["name"], "assistant")
 
     teacher = obtain_teacher(ctx)
-    teacher_logits, labels = test_logits(ctx, teacher.model)
+    teacher_logits, labels = predict_test_split(ctx, teacher.model)
     teacher_metrics = model_metrics(ctx, teacher.model, cfg.teacher.name, teacher_logits, labels,
                                     source=teacher.source, path=teacher.path)
     log.info("teacher %s: test top-1 %.2f%%", cfg.teacher.name, 100 * teacher_metrics["top1"])
@@ -33,7 +33,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     baseline = None
     if cfg.baseline:
         outcome = obtain_baseline(ctx)
-        logits, _ = test_logits(ctx, outcome.model)
+        logits, _ = predict_test_split(ctx, outcome.model)
         baseline = model_metrics(ctx, outcome.model, cfg.student.name, logits, labels, source=outcome.source,
                                  path=outcome.path)
 
@@ -41,7 +41,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     assistant_ctx = derive(ctx, run_dir=ctx.run_dir / "assistant", student=assistant_cfg)
     log.info("assistant: %s distils from the teacher %s", assistant_cfg["name"], cfg.teacher.name)
     assistant = distill_student(assistant_ctx, teacher.model, teacher_metrics["top1"])
-    assistant_logits, _ = test_logits(ctx, assistant.model)
+    assistant_logits, _ = predict_test_split(ctx, assistant.model)
     assistant_metrics = model_metrics(ctx, assistant.model, assistant_cfg["name"], assistant_logits, labels,
                                       **fidelity_metrics(assistant_logits, teacher_logits, cfg.T),
                                       **training_summary(assistant.result), path=assistant.path)
@@ -50,7 +50,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     student_ctx = derive(ctx, teacher=assistant_cfg)
     log.info("student: %s distils from the assistant %s", cfg.student.name, assistant_cfg["name"])
     student = distill_student(student_ctx, assistant.model, assistant_metrics["top1"])
-    student_logits, _ = test_logits(ctx, student.model)
+    student_logits, _ = predict_test_split(ctx, student.model)
     teacher_agreement = fidelity_metrics(student_logits, teacher_logits, cfg.T)["agreement"]
     student_metrics = model_metrics(ctx, student.model, cfg.student.name, student_logits, labels,
                                     **fidelity_metrics(student_logits, assistant_logits, cfg.T),

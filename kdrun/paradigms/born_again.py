@@ -15,7 +15,7 @@ from kdrun.engine.group import ModelGroup, ensemble_logits
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
 from kdrun.paradigms.result import (ParadigmResult, combined_cost, log_test_scalars, model_metrics, term_temperatures,
-                                    test_logits, training_summary)
+                                    predict_test_split, training_summary)
 from kdrun.stages.context import RunContext, derive, plain
 from kdrun.stages.roles import distill_student, obtain_teacher
 from kdrun.tensorboard.writer import open_writer
@@ -50,7 +50,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     cfg = ctx.cfg
     generations = int(cfg.paradigm.get("generations", 2))
     teacher = obtain_teacher(ctx)
-    teacher_logits, labels = test_logits(ctx, teacher.model)
+    teacher_logits, labels = predict_test_split(ctx, teacher.model)
     teacher_metrics = model_metrics(ctx, teacher.model, cfg.teacher.name, teacher_logits, labels, generation=0,
                                     source=teacher.source, path=teacher.path)
     log.info("self: generation 0 (teacher %s) test top-1 %.2f%%", cfg.teacher.name, 100 * teacher_metrics["top1"])
@@ -63,7 +63,7 @@ def run(ctx: RunContext) -> ParadigmResult:
             previous = load_generation(ctx, k - 1, generations)
         log.info("self: generation %d distils from generation %d", k, k - 1)
         outcome = distill_student(gen_ctx, previous, results[-1]["top1"])
-        gen_logits, _ = test_logits(ctx, outcome.model)
+        gen_logits, _ = predict_test_split(ctx, outcome.model)
         results.append(model_metrics(ctx, outcome.model, cfg.teacher.name, gen_logits, labels, generation=k,
                                      **fidelity_metrics(gen_logits, logits[-1], cfg.T),
                                      **training_summary(outcome.result), path=outcome.path))

@@ -16,7 +16,7 @@ from kdrun.engine.forward import StepForward
 from kdrun.engine.group import ModelGroup
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
-from kdrun.paradigms.result import (ParadigmResult, combined_cost, model_metrics, term_temperatures, test_logits,
+from kdrun.paradigms.result import (ParadigmResult, combined_cost, model_metrics, term_temperatures, predict_test_split,
                                     training_summary)
 from kdrun.stages.context import RunContext, derive, model_config
 from kdrun.stages.roles import Role, obtain_baseline, obtain_teacher, train_role
@@ -48,7 +48,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     teachers, teacher_results, teacher_logits = [], [], []
     for config in configs:
         outcome = obtain_teacher(derive(ctx, teacher=config))
-        logits, labels = test_logits(ctx, outcome.model)
+        logits, labels = predict_test_split(ctx, outcome.model)
         teacher_results.append(model_metrics(ctx, outcome.model, config["name"], logits, labels,
                                              source=outcome.source, path=outcome.path))
         teachers.append(outcome.model)
@@ -63,7 +63,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     baseline = None
     if cfg.baseline:
         outcome = obtain_baseline(ctx)
-        logits, _ = test_logits(ctx, outcome.model)
+        logits, _ = predict_test_split(ctx, outcome.model)
         baseline = model_metrics(ctx, outcome.model, cfg.student.name, logits, labels, source=outcome.source,
                                  path=outcome.path)
 
@@ -72,7 +72,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     role = Role("student", StepForward(student, group), loss, ctx.meta("student"), ctx.recipe("student"),
                 reference={"teacher": teacher_metrics["top1"]})
     result = train_role(ctx, role).result
-    student_logits, _ = test_logits(ctx, student)
+    student_logits, _ = predict_test_split(ctx, student)
     fidelity = fidelity_metrics(student_logits, combined, 1.0)
     # KL at the run's T against the mixture at T: softmax(T * log p / T) = p.
     at_T = combined_test_logits(teacher_logits, labels, weighting, weights, cfg.T)

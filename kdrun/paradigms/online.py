@@ -17,7 +17,7 @@ from kdrun.engine.group import ModelGroup, ensemble_logits
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
 from kdrun.paradigms.result import (ParadigmResult, combined_cost, log_test_scalars, model_metrics, term_temperatures,
-                                    test_logits)
+                                    predict_test_split)
 from kdrun.stages.context import RunContext, derive, model_config, plain
 from kdrun.stages.roles import Role, obtain_baseline, train_role
 from kdrun.tensorboard.writer import open_writer
@@ -93,7 +93,7 @@ def run(ctx: RunContext) -> ParadigmResult:
 
 def _evaluate_peers(ctx: RunContext, cohort: ModelGroup, names: list[str], history: list[dict]):
     """Each peer's test metrics, its best/last epoch, and its fidelity to the other peers' mean prediction."""
-    outputs = [test_logits(ctx, peer) for peer in cohort.members]
+    outputs = [predict_test_split(ctx, peer) for peer in cohort.members]
     logits = [out[0] for out in outputs]
     labels = outputs[0][1]
     peers = []
@@ -122,7 +122,7 @@ def _baselines(ctx: RunContext, configs: list[dict]) -> dict[str, dict]:
         if _key(config) in found:
             continue
         outcome = obtain_baseline(derive(ctx, student=config))
-        logits, labels = test_logits(ctx, outcome.model)
+        logits, labels = predict_test_split(ctx, outcome.model)
         found[_key(config)] = model_metrics(ctx, outcome.model, config["name"], logits, labels,
                                             source=outcome.source, path=outcome.path)
     return found

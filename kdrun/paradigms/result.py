@@ -33,7 +33,7 @@ class ParadigmResult:
     labels: Optional[torch.Tensor] = None
 
 
-def test_logits(ctx: RunContext, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_test_split(ctx: RunContext, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return predict(model, ctx.data.test, ctx.cfg.batch_size, ctx.device)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdrun.engine.checkpoint import read_checkpoint, save_model
 from kdrun.paradigms.registry import PARADIGMS
-from kdrun.paradigms.result import ParadigmResult, log_test_scalars, model_metrics, test_logits
+from kdrun.paradigms.result import ParadigmResult, log_test_scalars, model_metrics, predict_test_split
 from kdrun.stages.context import RunContext
 from kdrun.stages.roles import StageOutcome, obtain_baseline, obtain_teacher
 from kdrun.tensorboard.writer import open_writer
@@ -28,7 +28,7 @@ def run_baseline(ctx: RunContext) -> ParadigmResult:
 
 
 def _one_stage(ctx: RunContext, outcome: StageOutcome, role: str, key: str) -> ParadigmResult:
-    logits, labels = test_logits(ctx, outcome.model)
+    logits, labels = predict_test_split(ctx, outcome.model)
     metrics_of_model = model_metrics(ctx, outcome.model, ctx.cfg[role].name, logits, labels,
                                      source=outcome.source, path=outcome.path)
     history = stage_history(outcome)

@@ -60,6 +60,7 @@ def write_results(ctx: RunContext, result: ParadigmResult, metrics: dict) -> Non
     """metrics.json (atomically), the TensorBoard summary and the table; rank 0 alone under torchrun."""
     if not distributed.is_main():
         return
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it for the CLI; not for other callers
     write_json_atomic(metrics, ctx.run_dir / METRICS_FILE)
     write_run_summary(ctx.run_dir, ctx.cfg, metrics, result.test_logits, result.labels)
     print(table(result.rows, result.footer(metrics)))
