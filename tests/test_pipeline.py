@@ -3,7 +3,6 @@ pipeline alone writes metrics.json (header, models, comparisons), the TensorBoar
 import json
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
