@@ -28,10 +28,11 @@ from kdrun.run.resume import find_resumable_run
 from kdrun.run_files import has_checkpoint, has_work
 from kdrun.sweeps.callback import failed_jobs
 from kdrun.sweeps.jobs import completed_metrics, objective
-from kdrun.sweeps.names import remember_swept_keys
+from kdrun.sweeps.names import register_resolver, remember_swept_keys
 
 log = logging.getLogger("kdrun")
 register_configs()
+register_resolver()
 
 # Jobs of a multirun that fail write metrics.json `failed` (or `diverged`); the sweep goes on and main() reports them
 # at the end (failed_jobs(), from the files: jobs may run in other processes).

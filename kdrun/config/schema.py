@@ -10,7 +10,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.errors import KdrunError
 from kdrun.config.inputs import check_inputs
-from kdrun.sweeps.names import job_dirname
 
 
 @dataclass
@@ -60,7 +59,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="kdrun_schema", node=KdrunConfig)
     # `${one_minus:${alpha}}` lets a method file weigh CE by (1 - alpha).
     OmegaConf.register_new_resolver("one_minus", lambda x: 1.0 - float(x), replace=True)
-    OmegaConf.register_new_resolver("sweep_job_dirname", job_dirname, replace=True)
 
 
 def _check(condition: bool, message: str) -> None:

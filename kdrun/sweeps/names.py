@@ -49,3 +49,10 @@ def job_dirname(overrides: Iterable[str], sweeper_params: Optional[Mapping] = No
     chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys] or overrides
     # Keep the name a single, portable path component (Hydra escapes ':' in sweep values as '\:').
     return ",".join(sorted(chosen)).replace("\\", "").replace("/", "_").replace(":", "_")[:200]
+
+
+def register_resolver() -> None:
+    """`${sweep_job_dirname:...}` in conf/config.yaml's hydra.sweep.subdir names each job's directory."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("sweep_job_dirname", job_dirname, replace=True)
