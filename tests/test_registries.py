@@ -3,6 +3,7 @@
 Before torch loads, the CLI checks names against the conf/ groups (Hydra composes from them); after, kdrun
 reads the registries. These tests keep the two equal, in both directions.
 """
+import typing
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from kdrun.config.schema import register_configs
+from kdrun.config.groups import SCHEMAS
+from kdrun.config.schema import KdrunConfig, register_configs, validate
 from kdrun.data import DATASETS
 from kdrun.distill import TERMS, StepContext, build_loss, check_terms
 from kdrun.errors import KdrunError
@@ -48,7 +50,9 @@ def test_every_registered_term_is_used_by_a_method_file():
 
 @pytest.mark.parametrize("method", group_options("distill"))
 def test_every_method_file_passes_the_term_check(method):
-    check_terms(compose_with(f"distill={method}").distill)  # every option of every term is an argument of its class
+    cfg = compose_with(f"distill={method}")
+    check_terms(cfg.distill)  # every option of every term is an argument of its class
+    validate(cfg)             # and through validate(), now that kdrun.distill is loaded
 
 
 def test_term_families_are_views_of_the_registry():
@@ -67,6 +71,12 @@ def test_every_dataset_file_names_a_registered_dataset_and_back():
     for option in group_options("dataset"):
         assert OmegaConf.load(conf_dir() / "dataset" / f"{option}.yaml").name == option
     assert group_options("dataset") == DATASETS.names()
+
+
+@pytest.mark.parametrize("dataset", group_options("dataset"))
+def test_every_dataset_file_names_its_builders_schema(dataset):
+    cfg = compose_with(f"dataset={dataset}")
+    assert OmegaConf.get_type(cfg.dataset) is DATASETS.info(dataset)["schema"]
 
 
 # --- paradigms <-> conf/paradigm ------------------------------------------------------------------------
@@ -92,6 +102,16 @@ def test_model_sources_are_registered_in_the_documented_order():
         from kdrun.models import check_model_name
 
         check_model_name("tf:resnet18")
+
+
+# --- the schemas in the ConfigStore ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group", sorted(SCHEMAS))
+def test_every_option_file_composes_to_its_groups_schema(group):
+    base = typing.get_type_hints(KdrunConfig)[group]  # the top-level schema types the group by its base class
+    for option in group_options(group):
+        schema = OmegaConf.get_type(compose_with(f"{group}={option}")[group])
+        assert schema in SCHEMAS[group].values() and issubclass(schema, base), (group, option, schema)
 
 
 # --- adding a loss: one class and one YAML file ---------------------------------------------------------------
@@ -121,6 +141,7 @@ def test_a_registered_term_and_one_method_file_are_all_a_new_loss_needs(toy_term
     (tmp_path / "distill" / "toy.yaml").write_text(
         "name: toy\nterms:\n  ce: {type: ce, weight: 1.0}\n  toy: {type: toy, weight: 0.5, scale: 3.0}\n")
     cfg = compose_with("distill=toy", "distill.terms.toy.scale=2.0", config_dir=tmp_path)
+    validate(cfg)
     loss = build_loss(OmegaConf.to_container(cfg.distill, resolve=True))
     assert set(loss.terms) == {"ce", "toy"} and loss.needs_teacher and loss.terms["toy"].scale == 2.0
     student, teacher = torch.zeros(2, 3), torch.ones(2, 3)
@@ -128,7 +149,7 @@ def test_a_registered_term_and_one_method_file_are_all_a_new_loss_needs(toy_term
     assert parts["toy"].item() == pytest.approx(2.0)
     assert total.item() == pytest.approx(parts["ce"].item() + 0.5 * 2.0)
     with pytest.raises(KdrunError) as raised:
-        check_terms(compose_with("distill=toy", "+distill.terms.toy.scael=2", config_dir=tmp_path).distill)
+        validate(compose_with("distill=toy", "+distill.terms.toy.scael=2", config_dir=tmp_path))
     assert "distill.terms.toy.scael" in str(raised.value) and "scale" in str(raised.value)
 
 
@@ -141,10 +162,10 @@ def test_a_registered_term_and_one_method_file_are_all_a_new_loss_needs(toy_term
     (["distill.terms.kd.type=kdd"], ["unknown loss term type 'kdd' in distill.terms.kd", "did you mean 'kd'?"]),
     (["distill.terms.kd.weight=heavy"], ["distill.terms.kd.weight='heavy' must be a number"]),
 ])
-def test_bad_term_options_are_one_line(overrides, pieces):
+def test_bad_term_options_are_one_line_before_training(overrides, pieces):
     cfg = compose_with(*overrides)
     with pytest.raises(KdrunError) as raised:
-        check_terms(cfg.distill)
+        validate(cfg)
     message = str(raised.value)
     assert "\n" not in message
     for piece in pieces:
