@@ -18,7 +18,7 @@ from kdrun.data import DATASETS
 from kdrun.distill import TERMS, StepContext, build_loss, check_terms
 from kdrun.errors import KdrunError
 from kdrun.models.factory import SOURCES
-from kdrun.paths import conf_dir, group_options
+from kdrun.paths import MODEL_GROUPS, conf_dir, group_options, model_preset, preset_names
 
 register_configs()
 
@@ -94,7 +94,7 @@ def test_every_paradigm_file_names_a_paradigm_and_back():
         assert OmegaConf.load(conf_dir() / "paradigm" / f"{option}.yaml").name == option
 
 
-# --- model sources ------------------------------------------------------------------------------------------
+# --- model sources and presets ------------------------------------------------------------------------------
 
 def test_model_sources_are_registered_in_the_documented_order():
     assert sorted(SOURCES, key=lambda s: SOURCES.info(s)["priority"]) == ["timm", "torchvision", "cifar"]
@@ -102,6 +102,19 @@ def test_model_sources_are_registered_in_the_documented_order():
         from kdrun.models import check_model_name
 
         check_model_name("tf:resnet18")
+
+
+def test_one_preset_set_serves_every_model_group():
+    assert preset_names() == ["efficientnet_b0", "mobilenetv3", "mobilenetv3_small", "resnet18", "resnet34",
+                              "resnet50"]
+    for group in MODEL_GROUPS:
+        assert group_options(group) == preset_names()
+        assert not (conf_dir() / group).exists()
+    assert model_preset("mobilenetv3") == {"name": "mobilenetv3_large_100"}
+    assert model_preset("convnext_atto") is None and model_preset("../config") is None
+    for name in preset_names():
+        cfg = compose_with(f"teacher={name}", f"student={name}", f"assistant={name}")
+        assert cfg.teacher.name == cfg.student.name == cfg.assistant.name == model_preset(name)["name"]
 
 
 # --- the schemas in the ConfigStore ------------------------------------------------------------------------

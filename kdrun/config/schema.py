@@ -1,7 +1,8 @@
 """The config schema (typed, checked by OmegaConf at compose time) and the semantic checks that run
 before any training. Each check fails with a one-line KdrunError that says how to fix it.
 
-The groups' schemas are in groups.py.
+The groups' schemas are in groups.py; the model presets (conf/model/) fill the teacher, student and
+assistant groups (register_configs()).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from kdrun.config.groups import (EXTRA_KEYS, SCHEMAS, DatasetConfig, DistillMeth
                                  SchedConfig, schema_keys)
 from kdrun.config.inputs import check_inputs
 from kdrun.errors import KdrunError
+from kdrun.paths import MODEL_GROUPS, model_preset, preset_names
 from kdrun.registry import did_you_mean, run_config_checks
 from kdrun.sweeps.names import job_dirname
 
@@ -35,7 +37,7 @@ class ModelConfig:
 @dataclass
 class KdrunConfig:
     # Groups: each option file names the schema of its family (groups.py), a subclass of the type here.
-    teacher: ModelConfig = field(default_factory=ModelConfig)    # conf/teacher/ presets, or teacher.name=ANY
+    teacher: ModelConfig = field(default_factory=ModelConfig)    # conf/model/ presets, or teacher.name=ANY
     student: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     distill: DistillMethod = field(default_factory=DistillMethod)
@@ -69,13 +71,18 @@ GROUP_FIELDS = ("teacher", "student", "assistant", "dataset", "distill", "paradi
 
 
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (config.yaml lists kdrun_schema first in its defaults; each group's
-    option files name their schema/<group>/<family>)."""
+    """Put the schemas and the model presets in Hydra's ConfigStore (config.yaml lists kdrun_schema first in its
+    defaults; each group's option files name their schema/<group>/<family>)."""
     store = ConfigStore.instance()
     store.store(name="kdrun_schema", node=KdrunConfig, provider="kdrun")
     for group, schemas in SCHEMAS.items():
         for name, schema in schemas.items():
             store.store(group=f"schema/{group}", name=name, node=schema, provider="kdrun")
+    # One set of model presets (conf/model/NAME.yaml), an option of each model group: teacher=resnet50,
+    # student=mobilenetv3, assistant=resnet18 select conf/model/resnet50.yaml and so on.
+    for name in preset_names():
+        for group in MODEL_GROUPS:
+            store.store(group=group, name=name, node=model_preset(name), provider="kdrun")
     # `${one_minus:${alpha}}` lets a method file weigh CE by (1 - alpha).
     OmegaConf.register_new_resolver("one_minus", lambda x: 1.0 - float(x), replace=True)
     OmegaConf.register_new_resolver("sweep_job_dirname", job_dirname, replace=True)
