@@ -143,7 +143,8 @@ def test_a_wrong_type_is_rejected_at_compose_time(overrides):
     (["+teacher.colour=red"], "unknown key(s) teacher.colour for teacher resnet50; accepted keys: cache"),
     (["paradigm=online", "++paradigm.peer=3"], "unknown key(s) paradigm.peer for paradigm online; accepted keys: "
                                                "T, kl_weight, name, peers; did you mean 'peers'?"),
-    (["+optim.momentum=0.9"], "unknown key(s) optim.momentum for optim adamw"),
+    (["+optim.momentun=0.9"], "unknown key(s) optim.momentun for optim adamw"),
+    (["dataset=synthetic", "++dataset.download=true"], "unknown key(s) dataset.download for dataset synthetic"),
 ])
 def test_keys_added_past_the_schema_are_one_line_errors(overrides, message):
     from kdrun.errors import KdrunError
@@ -151,6 +152,19 @@ def test_keys_added_past_the_schema_are_one_line_errors(overrides, message):
     with pytest.raises(KdrunError) as raised:
         validate(compose_with(*overrides))
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_key_of_another_option_of_the_group_is_a_warning_for_sweeps():
+    """kdrun -m paradigm=online,multi_teacher ++paradigm.weighting=confidence: one setting for every job."""
+    from kdrun.config.paradigm_checks import unread_settings
+
+    cfg = compose_with("paradigm=online", "++paradigm.weighting=confidence", "++optim.momentum=0.5")
+    validate(cfg)
+    notes = unread_settings(cfg)
+    assert "paradigm.weighting is not a setting of paradigm=online and is ignored here" in notes
+    assert "optim.momentum is not a setting of optim=adamw and is ignored here" in notes
+    assert unread_settings(compose_with("paradigm=multi_teacher", "teachers=[a,b]",
+                                        "++paradigm.weighting=confidence")) == []
 
 
 def test_group_defaults_come_from_the_schemas():

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from omegaconf import MISSING
 
@@ -182,6 +182,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
 # Keys a group's config may carry beyond its schema's fields.
 EXTRA_KEYS: dict[str, tuple[str, ...]] = {"dataset": DATASET_RUNNER_KEYS}
 
+# Groups whose options a sweep compares with shared settings (kdrun -m paradigm=online,multi_teacher
+# ++paradigm.weighting=confidence): a key of another option's schema is ignored with a warning
+# (paradigm_checks.unread_settings), not an error. Datasets stay strict: their builders never shared keys.
+SHARED_KEY_GROUPS = ("distill", "optim", "sched", "paradigm")
+
 
 def schema_keys(schema: type) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
@@ -195,3 +200,13 @@ def schema_defaults(schema: type) -> dict[str, Any]:
             continue
         defaults[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     return defaults
+
+
+def keys_past_schema(group: str, schema: type, keys: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Among `keys` that `schema` lacks: (those another option of the group reads, those none reads)."""
+    own = {*schema_keys(schema), *EXTRA_KEYS.get(group, ())}
+    others = set()
+    if group in SHARED_KEY_GROUPS:
+        others = {key for sibling in SCHEMAS.get(group, {}).values() for key in schema_keys(sibling)}
+    extra = sorted(set(keys) - own)
+    return [k for k in extra if k in others], [k for k in extra if k not in others]

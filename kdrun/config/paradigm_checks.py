@@ -6,10 +6,12 @@ composing, so a bad setting costs no model loading.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from kdrun.config.groups import SHARED_KEY_GROUPS, keys_past_schema
 from kdrun.errors import KdrunError
 from kdrun.paths import group_options
 from kdrun.registry import unknown_name
@@ -45,7 +47,8 @@ def validate_paradigm(cfg: DictConfig) -> None:
 
 
 def unread_settings(cfg: DictConfig) -> list[str]:
-    """Settings the chosen paradigm ignores, as warnings (not errors: a sweep over paradigms shares them)."""
+    """Settings the chosen paradigm (or method, optimizer, schedule) ignores, as warnings (not errors: a sweep
+    over paradigms shares them)."""
     name, notes = paradigm_name(cfg), []
     teachers = _as_list(cfg.get("teachers")) or []
     if teachers and name != "multi_teacher":
@@ -55,6 +58,12 @@ def unread_settings(cfg: DictConfig) -> list[str]:
     if name in ("online", "multi_teacher") and method != "kd":
         notes.append(f"paradigm={name} has a loss of its own (see conf/paradigm/{name}.yaml); distill={method} "
                      "is ignored")
+    for group in SHARED_KEY_GROUPS:  # e.g. ++paradigm.weighting=confidence in a sweep over paradigms
+        node = cfg.get(group)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if schema is not None and dataclasses.is_dataclass(schema):
+            for key in keys_past_schema(group, schema, node.keys())[0]:
+                notes.append(f"{group}.{key} is not a setting of {group}={node.get('name')} and is ignored here")
     return notes
 
 

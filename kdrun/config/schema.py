@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.config.groups import (EXTRA_KEYS, SCHEMAS, DatasetConfig, DistillMethod, OptimConfig, ParadigmConfig,
-                                 SchedConfig, schema_keys)
+                                 SchedConfig, keys_past_schema, schema_keys)
 from kdrun.config.inputs import check_inputs
 from kdrun.errors import KdrunError
 from kdrun.paths import MODEL_GROUPS, model_preset, preset_names
@@ -131,14 +131,15 @@ def validate(cfg: DictConfig) -> None:
 
 def check_group_keys(cfg: DictConfig) -> None:
     """Keys that a group's schema lacks. OmegaConf rejects them at compose time (`dataset.augmnet=false`),
-    but Hydra's `+KEY=VALUE` and `++KEY=VALUE` add them past the schema."""
+    but Hydra's `+KEY=VALUE` and `++KEY=VALUE` add them past the schema. A key of another option of the group
+    (a sweep's shared setting) is a warning instead (paradigm_checks.unread_settings)."""
     for group in GROUP_FIELDS:
         node = cfg.get(group)
         schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
         if schema is None or not dataclasses.is_dataclass(schema):
             continue
         accepted = [*schema_keys(schema), *EXTRA_KEYS.get(group, ())]
-        unknown = sorted(set(node.keys()) - set(accepted))
+        _, unknown = keys_past_schema(group, schema, node.keys())
         if unknown:
             name = "" if OmegaConf.is_missing(node, "name") else node.name
             raise KdrunError(f"unknown key(s) {', '.join(f'{group}.{key}' for key in unknown)} for {group} {name}; "
