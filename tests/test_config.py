@@ -58,3 +58,140 @@ def test_cifar100_experiments_carry_the_papers_recipe(experiment):
     assert cfg.lr == (0.01 if small_student else 0.05)
     assert cfg.T == 2.0  # command-line values still win over the recipe
     assert cfg.teacher.name.startswith("cifar:") and cfg.student.name.startswith("cifar:")
+
+
+# --- typed groups: wrong keys and types are rejected when the config is composed --------------------------
+
+README_COMMANDS = [
+    ["teacher=resnet50", "student=mobilenetv3", "T=3"],
+    ["student.name=convnext_atto"],  # what `student=convnext_atto` becomes (kdrun.cli.argv)
+    ["teacher.name=resnet18", "teacher.pretrained=true"],
+    ["dataset=imagefolder", "dataset.root=/data/imagenette", "teacher=resnet50", "student=resnet18"],
+    ["dataset=cifar10", "dataset.download=true", "dataset.root=data"],
+    ["paradigm=online", "paradigm.peers=3"],
+    ["paradigm=online", "paradigm.peers=[resnet18,mobilenetv3]", "paradigm.T=1", "paradigm.kl_weight=1"],
+    ["paradigm=self", "paradigm.generations=3", "paradigm.ensemble=true"],
+    ["paradigm=multi_teacher", "teachers=[resnet50,efficientnet_b0]", "paradigm.weighting=confidence"],
+    ["paradigm=multi_teacher", "teachers=[resnet50,resnet34]", "paradigm.weighting=fixed", "paradigm.weights=[0.7,0.3]"],
+    ["paradigm=assistant", "teacher=resnet50", "assistant=resnet18", "student=mobilenetv3"],
+    ["paradigm=assistant", "assistant.name=resnet10t", "assistant.epochs=2", "assistant.lr=0.01"],
+    ["optim=sgd", "lr=0.05", "sched=multistep"],
+    ["sched=constant", "sched.warmup_epochs=1"],
+    ["+recipe=cifar100"],
+    ["distill=dkd", "distill.terms.dkd.beta=2", "distill.terms.dkd.alpha=1", "T=1"],
+    ["distill=cc", "+distill.terms.kd={type: kd, weight: 0.9, T: 4}"],
+    ["distill.logit_standardize=true", "T=2"],
+    ["distill=mlkd", "distill.terms.mlkd.temperatures=[1,2,4]", "distill.terms.mlkd.class_weight=0.5"],
+    ["distill=fitnets", "+distill.student_layers=[stages.0]", "+distill.teacher_layers=[layer1]"],
+    ["distill=crd", "distill.terms.kd.weight=1"],
+    ["dataset=cifar10", "dataset.augment=false", "teacher.cache=true"],
+    ["+dataset.num_workers=4"],
+]
+
+
+@pytest.mark.parametrize("overrides", README_COMMANDS, ids=" ".join)
+def test_documented_commands_compose_and_validate(overrides):
+    cfg = compose_with(*overrides)
+    OmegaConf.to_container(cfg, resolve=True)
+    validate(cfg)
+
+
+@pytest.mark.parametrize(("overrides", "schema"), [
+    (["dataset.augmnet=false"], "EmbeddedDataset"),
+    (["dataset=cifar10", "dataset.image_size=32"], "TorchvisionDataset"),
+    (["optim.momentum=0.9"], "AdamWConfig"),
+    (["sched.milestones=[10]"], "SchedConfig"),
+    (["paradigm=online", "paradigm.generations=2"], "OnlineParadigm"),
+    (["distill=at", "distill.logit_standardize=true"], "DistillMethod"),
+    (["distill.temperature=3"], "LogitStandardizedMethod"),
+])
+def test_a_key_the_groups_schema_lacks_is_rejected_at_compose_time(overrides, schema):
+    from hydra.errors import ConfigCompositionException
+
+    from kdrun.config.messages import compose_error_line
+
+    with pytest.raises(ConfigCompositionException) as raised:
+        compose_with(*overrides)
+    assert f"not in '{schema}'" in str(raised.value.__cause__)
+    key = overrides[-1].split("=")[0]
+    line = compose_error_line(raised.value)
+    assert line.startswith(f"unknown key {key} for ") and "accepted keys are" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("overrides", [
+    ["dataset=cifar10", "dataset.augment=maybe"],
+    ["dataset=synthetic", "dataset.image_size=big"],
+    ["dataset.test_fraction=[0.2]"],
+    ["optim=sgd", "optim.nesterov=sometimes"],
+    ["sched=multistep", "sched.milestones=[a,b]"],
+    ["paradigm=self", "paradigm.generations=2.5"],
+    ["paradigm=self", "paradigm.ensemble=maybe"],
+    ["paradigm=multi_teacher", "paradigm.weights=[heavy]"],
+    ["distill.logit_standardize=maybe"],
+    ["+distill.terms.extra=3"],
+])
+def test_a_wrong_type_is_rejected_at_compose_time(overrides):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_with(*overrides)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["+dataset.augmnet=false"], "unknown key(s) dataset.augmnet for dataset mnist5k; accepted keys: name, "
+                                 "num_workers, split_seed, test_fraction"),
+    (["+teacher.colour=red"], "unknown key(s) teacher.colour for teacher resnet50; accepted keys: cache"),
+    (["paradigm=online", "++paradigm.peer=3"], "unknown key(s) paradigm.peer for paradigm online; accepted keys: "
+                                               "T, kl_weight, name, peers; did you mean 'peers'?"),
+    (["+optim.momentun=0.9"], "unknown key(s) optim.momentun for optim adamw"),
+    (["dataset=synthetic", "++dataset.download=true"], "unknown key(s) dataset.download for dataset synthetic"),
+])
+def test_keys_added_past_the_schema_are_one_line_errors(overrides, message):
+    from kdrun.errors import KdrunError
+
+    with pytest.raises(KdrunError) as raised:
+        validate(compose_with(*overrides))
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_key_of_another_option_of_the_group_is_a_warning_for_sweeps():
+    """kdrun -m paradigm=online,multi_teacher ++paradigm.weighting=confidence: one setting for every job."""
+    from kdrun.config.paradigm_checks import unread_settings
+
+    cfg = compose_with("paradigm=online", "++paradigm.weighting=confidence", "++optim.momentum=0.5")
+    validate(cfg)
+    notes = unread_settings(cfg)
+    assert "paradigm.weighting is not a setting of paradigm=online and is ignored here" in notes
+    assert "optim.momentum is not a setting of optim=adamw and is ignored here" in notes
+    assert unread_settings(compose_with("paradigm=multi_teacher", "teachers=[a,b]",
+                                        "++paradigm.weighting=confidence")) == []
+
+
+def test_group_defaults_come_from_the_schemas():
+    from kdrun.config.groups import SGDConfig, TorchvisionDataset, schema_defaults
+
+    cfg = compose_with("dataset=cifar10", "optim=sgd")
+    assert OmegaConf.to_container(cfg.dataset) == {"name": "cifar10", **schema_defaults(TorchvisionDataset)}
+    assert OmegaConf.to_container(cfg.optim) == {"name": "sgd", **schema_defaults(SGDConfig)}
+    assert cfg.dataset.root == "data" and cfg.dataset.download is False and cfg.optim.nesterov is True
+
+
+def test_temperatures_keep_their_three_homes():
+    cfg = compose_with("T=3", "paradigm=online", "paradigm.T=2")
+    assert cfg.distill.terms.kd.T == 3.0 and cfg.paradigm.T == 2.0  # online's KL: its own T
+    mlkd = compose_with("T=3", "distill=mlkd").distill.terms.mlkd
+    assert list(mlkd.temperatures) == [2.0, 3.0, 4.0, 5.0, 6.0] and "T" not in mlkd
+
+
+def test_typed_errors_end_as_one_line_on_the_command_line(tmp_path):
+    """Compose-time errors answer before torch loads, as one line with exit code 2."""
+    import subprocess
+    import sys
+
+    for args, expected in [(["dataset.augmnet=false"], "dataset.augmnet"),
+                           (["paradigm=self", "paradigm.ensemble=maybe"], "paradigm.ensemble=maybe"),
+                           (["+dataset.augmnet=false"], "unknown key(s) dataset.augmnet")]:
+        proc = subprocess.run([sys.executable, "-m", "kdrun.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr

@@ -29,10 +29,14 @@ def test_help_is_kdruns_own_page(help_page):
 def test_help_lists_every_config_group_with_all_its_options(help_page):
     listed = help_page.split("Config groups:")[1].split("Values:")[0]
     # Every folder of conf/ is a group users pick, except hydra/ (Hydra's own: launchers and sweepers,
-    # shown in the examples).
-    from kdrun.paths import conf_dir
+    # shown in the examples) and model/, whose presets are the options of teacher, student and assistant.
+    from kdrun.paths import MODEL_GROUPS, conf_dir
 
-    assert set(GROUPS) == {p.name for p in conf_dir().iterdir() if p.is_dir()} - {"hydra"}
+    folders = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    assert "model" in folders and not folders & set(MODEL_GROUPS)  # one preset set, not one per role
+    assert set(GROUPS) == folders - {"hydra", "model"} | set(MODEL_GROUPS)
+    for role in MODEL_GROUPS:
+        assert group_options(role) == group_options("model")
     for group in GROUPS:
         assert f"\n  {group} " in listed, group
         for option in group_options(group):

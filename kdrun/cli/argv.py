@@ -1,20 +1,19 @@
 """Checks of the command line before Hydra composes it, for one-line errors and short model names.
 
-`teacher=NAME` / `student=NAME` take a preset from conf/ or, when NAME is no preset but a timm,
-torchvision or CIFAR model, are rewritten to `teacher.name=NAME` so any model works as typed.
+`teacher=NAME` / `student=NAME` / `assistant=NAME` take a preset from conf/model/ or, when NAME is no preset
+but a timm, torchvision or CIFAR model, are rewritten to `teacher.name=NAME` so any model works as typed.
+The options of every group are the files of conf/ (paths.group_options), which Hydra composes from.
 """
 from __future__ import annotations
 
 import difflib
 
-from kdrun.errors import KdrunError
-from kdrun.paths import group_options
 from kdrun.cli.plugins import check_plugins
+from kdrun.errors import KdrunError
+from kdrun.paths import MODEL_GROUPS, config_groups, group_options
+from kdrun.registry import unknown_name
 from kdrun.sweeps.resume import resume_sweep_args
 
-CHECKED_GROUPS = ("teacher", "student", "dataset", "distill", "optim", "sched", "experiment", "hparams_search",
-                  "paradigm", "assistant")
-MODEL_GROUPS = ("teacher", "student", "assistant")
 # With these, users add config dirs of their own, whose options kdrun cannot list here.
 CUSTOM_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")
 # Hydra's own flags (tests/test_errors.py compares them with Hydra's parser). Anything else that
@@ -85,7 +84,7 @@ def _check_group_override(arg: str) -> str:
         return arg
     key, value = arg.split("=", 1)
     group = key.lstrip("+")
-    if group not in CHECKED_GROUPS or not value:
+    if group not in config_groups() or not value:
         return arg
     options = group_options(group)
     values = [v.strip() for v in value.split(",")]
@@ -100,6 +99,4 @@ def _check_group_override(arg: str) -> str:
         return f"{group}.name={value}"
     if group in MODEL_GROUPS:
         raise ArgvError(f"{group}={value} mixes presets and model names: sweep over {group}.name=... instead")
-    close = difflib.get_close_matches(unknown[0], options, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ArgvError(f"unknown {group} '{unknown[0]}': choose one of {', '.join(options)}{hint}")
+    raise ArgvError(unknown_name(group, unknown[0], options, f"{group}=NAME"))

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import textwrap
 
-from kdrun.paths import group_options
+from kdrun.paths import config_groups, group_options
 
+# What each group is for; the options listed under it are its files in conf/ (the model presets, conf/model/,
+# are the options of teacher, student and assistant alike).
 GROUPS = {
     "teacher": "teacher model preset (or teacher.name=ANY_TIMM_OR_TORCHVISION_NAME)",
-    "student": "student model preset (or student.name=...)",
+    "student": "student model preset, the same set (or student.name=...)",
     "dataset": "training data",
     "distill": "distillation method: its loss terms and their weights",
     "paradigm": "how the models are trained (default offline: teacher, then the student distils)",
-    "assistant": "the middle model of paradigm=assistant (or assistant.name=...)",
+    "assistant": "the middle model of paradigm=assistant, a model preset (or assistant.name=...)",
     "optim": "optimizer",
     "sched": "learning-rate schedule",
     "experiment": "a published recipe that sets the values above (the CIFAR-100 pairs of the literature)",
@@ -20,7 +22,7 @@ GROUPS = {
 }
 
 TOP_LEVEL = [
-    ("T", "distillation temperature (default 4)"),
+    ("T", "distillation temperature (default 4); paradigm=online has paradigm.T, distill=mlkd its own list"),
     ("alpha", "weight of the distillation term, 1 - alpha weighs hard-label CE (default 0.9)"),
     ("epochs", "epochs of every stage, unless teacher.epochs / student.epochs (default 3)"),
     ("batch_size", "default 64"),
@@ -70,8 +72,9 @@ def help_text() -> str:
         "",
         "Config groups:",
     ]
-    for group, meaning in GROUPS.items():
-        lines.append(f"  {group:11} {meaning}")
+    groups = {**GROUPS, **{group: "" for group in config_groups() if group not in GROUPS}}  # a new conf/ folder
+    for group, meaning in groups.items():
+        lines.append(f"  {group:11} {meaning}".rstrip())
         lines += textwrap.wrap(", ".join(group_options(group)), width=100, initial_indent=" " * 16,
                                subsequent_indent=" " * 16, break_on_hyphens=False)
     lines += ["", "Values:"]

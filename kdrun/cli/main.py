@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 # Only light imports here: bad input is answered before torch and timm load (seconds on a laptop).
 from kdrun.cli.argv import ArgvError, preflight
+from kdrun.config.messages import compose_error_line
 from kdrun.config.schema import register_configs, validate
 from kdrun.errors import KdrunError, one_line
 from kdrun.run.failures import as_user_error, exit_code, record_failure, status_of
@@ -103,6 +104,9 @@ def _discard_empty_run_dir() -> None:
 
 def _hydra_error_line(error: BaseException) -> str:
     """Hydra and OmegaConf messages span lines; keep what names the problem."""
+    typed = compose_error_line(error)  # an unknown key of a typed group: name the key and the accepted ones
+    if typed:
+        return typed
     parts = [str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__]
     cause = error.__cause__
     if cause is not None and str(cause).strip():

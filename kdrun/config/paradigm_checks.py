@@ -1,16 +1,24 @@
 """Checks of the paradigm settings (conf/paradigm/*.yaml, `teachers`, `assistant`) before any training.
 
-Pure Python (no torch): the CLI calls these while composing, so a bad setting costs no model loading.
+Their types are the schemas' (kdrun/config/groups.py: OmegaConf rejects `paradigm.ensemble=maybe` at compose
+time); what is left here are the rules a type cannot say. Pure Python (no torch): the CLI calls these while
+composing, so a bad setting costs no model loading.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from kdrun.config.groups import SHARED_KEY_GROUPS, keys_past_schema
 from kdrun.errors import KdrunError
+from kdrun.paths import group_options
+from kdrun.registry import unknown_name
 
-PARADIGMS = ("offline", "teacher", "baseline", "online", "self", "multi_teacher", "assistant")
+# The paradigm names before torch loads: the files of conf/paradigm/ (tests/test_registries.py keeps them equal
+# to the paradigm registry).
+PARADIGMS = tuple(group_options("paradigm"))
 WEIGHTINGS = ("mean", "fixed", "confidence")
 
 
@@ -30,7 +38,7 @@ def validate_paradigm(cfg: DictConfig) -> None:
     """One-line errors for every setting a paradigm cannot run with."""
     name = paradigm_name(cfg)
     if name not in PARADIGMS:
-        raise KdrunError(f"unknown paradigm '{name}': choose one of {', '.join(PARADIGMS)} (paradigm=NAME)")
+        raise KdrunError(unknown_name("paradigm", name, PARADIGMS, "paradigm=NAME"))
     settings = cfg.paradigm
     check = {"online": _check_online, "self": _check_self, "multi_teacher": _check_multi_teacher,
              "assistant": _check_assistant}.get(name)
@@ -39,7 +47,8 @@ def validate_paradigm(cfg: DictConfig) -> None:
 
 
 def unread_settings(cfg: DictConfig) -> list[str]:
-    """Settings the chosen paradigm ignores, as warnings (not errors: a sweep over paradigms shares them)."""
+    """Settings the chosen paradigm (or method, optimizer, schedule) ignores, as warnings (not errors: a sweep
+    over paradigms shares them)."""
     name, notes = paradigm_name(cfg), []
     teachers = _as_list(cfg.get("teachers")) or []
     if teachers and name != "multi_teacher":
@@ -49,6 +58,12 @@ def unread_settings(cfg: DictConfig) -> list[str]:
     if name in ("online", "multi_teacher") and method != "kd":
         notes.append(f"paradigm={name} has a loss of its own (see conf/paradigm/{name}.yaml); distill={method} "
                      "is ignored")
+    for group in SHARED_KEY_GROUPS:  # e.g. ++paradigm.weighting=confidence in a sweep over paradigms
+        node = cfg.get(group)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if schema is not None and dataclasses.is_dataclass(schema):
+            for key in keys_past_schema(group, schema, node.keys())[0]:
+                notes.append(f"{group}.{key} is not a setting of {group}={node.get('name')} and is ignored here")
     return notes
 
 
@@ -65,19 +80,17 @@ def _check_online(cfg: DictConfig, settings: DictConfig) -> None:
     if names is not None and not all(isinstance(n, str) and n for n in names):
         raise KdrunError(f"paradigm.peers={names} must list model names (presets or timm/torchvision/cifar names)")
     T, weight = settings.get("T", 1.0), settings.get("kl_weight", 1.0)
-    if not _is_number(T) or T <= 0:
+    if T <= 0:
         raise KdrunError(f"paradigm.T={T} must be > 0 (DML uses 1)")
-    if not _is_number(weight) or weight < 0:
+    if weight < 0:
         raise KdrunError(f"paradigm.kl_weight={weight} must be >= 0 (DML uses 1)")
 
 
 def _check_self(cfg: DictConfig, settings: DictConfig) -> None:
     generations = settings.get("generations", 2)
-    if not _is_number(generations) or int(generations) != generations or generations < 1:
+    if generations < 1:
         raise KdrunError(f"paradigm.generations={generations} must be a whole number >= 1, e.g. "
                          "paradigm.generations=3")
-    if not isinstance(settings.get("ensemble", False), bool):
-        raise KdrunError(f"paradigm.ensemble={settings.get('ensemble')} must be true or false")
 
 
 def _check_multi_teacher(cfg: DictConfig, settings: DictConfig) -> None:
@@ -105,7 +118,7 @@ def _check_multi_teacher(cfg: DictConfig, settings: DictConfig) -> None:
     if len(weights) != len(teachers):
         raise KdrunError(f"paradigm.weights has {len(weights)} values but there are {len(teachers)} teachers "
                          f"({', '.join(map(str, teachers))}): give one weight per teacher")
-    if not all(_is_number(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise KdrunError(f"paradigm.weights={weights} must be non-negative numbers with a positive sum")
 
 

@@ -1,15 +1,24 @@
 """The config schema (typed, checked by OmegaConf at compose time) and the semantic checks that run
-before any training. Each check fails with a one-line KdrunError that says how to fix it."""
+before any training. Each check fails with a one-line KdrunError that says how to fix it.
+
+The groups' schemas are in groups.py; the model presets (conf/model/) fill the teacher, student and
+assistant groups (register_configs()).
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.errors import KdrunError
+from kdrun.config.groups import (EXTRA_KEYS, SCHEMAS, DatasetConfig, DistillMethod, OptimConfig, ParadigmConfig,
+                                 SchedConfig, keys_past_schema, schema_keys)
 from kdrun.config.inputs import check_inputs
+from kdrun.errors import KdrunError
+from kdrun.paths import MODEL_GROUPS, model_preset, preset_names
+from kdrun.registry import did_you_mean
 
 
 @dataclass
@@ -26,15 +35,18 @@ class ModelConfig:
 
 @dataclass
 class KdrunConfig:
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    # Groups: each option file names the schema of its family (groups.py), a subclass of the type here.
+    teacher: ModelConfig = field(default_factory=ModelConfig)    # conf/model/ presets, or teacher.name=ANY
     student: ModelConfig = field(default_factory=ModelConfig)
-    dataset: Dict[str, Any] = field(default_factory=dict)
-    distill: Dict[str, Any] = field(default_factory=dict)
-    paradigm: Dict[str, Any] = field(default_factory=dict)   # conf/paradigm/: offline, online, self, ...
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    distill: DistillMethod = field(default_factory=DistillMethod)
+    paradigm: ParadigmConfig = field(default_factory=ParadigmConfig)  # conf/paradigm/: offline, online, self, ...
     teachers: List[Any] = field(default_factory=list)        # paradigm=multi_teacher: preset or model names
     assistant: ModelConfig = field(default_factory=ModelConfig)  # paradigm=assistant's middle model
-    optim: Dict[str, Any] = field(default_factory=dict)
-    sched: Dict[str, Any] = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    # The soft targets' temperature, read by the method files as ${T} (see groups.py for T's other homes:
+    # paradigm.T of online, mlkd's own temperatures).
     T: float = 4.0
     alpha: float = 0.9
     epochs: int = 3
@@ -54,9 +66,22 @@ class KdrunConfig:
     lr_base_batch: int = 64
 
 
+GROUP_FIELDS = ("teacher", "student", "assistant", "dataset", "distill", "paradigm", "optim", "sched")
+
+
 def register_configs() -> None:
-    """Put the schema in Hydra's ConfigStore (config.yaml lists it first in its defaults)."""
-    ConfigStore.instance().store(name="kdrun_schema", node=KdrunConfig)
+    """Put the schemas and the model presets in Hydra's ConfigStore (config.yaml lists kdrun_schema first in its
+    defaults; each group's option files name their schema/<group>/<family>)."""
+    store = ConfigStore.instance()
+    store.store(name="kdrun_schema", node=KdrunConfig, provider="kdrun")
+    for group, schemas in SCHEMAS.items():
+        for name, schema in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=schema, provider="kdrun")
+    # One set of model presets (conf/model/NAME.yaml), an option of each model group: teacher=resnet50,
+    # student=mobilenetv3, assistant=resnet18 select conf/model/resnet50.yaml and so on.
+    for name in preset_names():
+        for group in MODEL_GROUPS:
+            store.store(group=group, name=name, node=model_preset(name), provider="kdrun")
     # `${one_minus:${alpha}}` lets a method file weigh CE by (1 - alpha).
     OmegaConf.register_new_resolver("one_minus", lambda x: 1.0 - float(x), replace=True)
 
@@ -94,10 +119,28 @@ def validate(cfg: DictConfig) -> None:
     _check("name" in cfg.dataset, "the dataset config has no `name`: pick one with dataset=NAME")
     _check("terms" in cfg.distill and len(cfg.distill.terms) > 0,
            "the distill config lists no loss terms: pick a method with distill=NAME, e.g. distill=kd")
+    check_group_keys(cfg)
     check_inputs(cfg)  # device, dataset name, checkpoint paths: still before any heavy import
     from kdrun.config.paradigm_checks import validate_paradigm  # pure Python: still before heavy imports
 
     validate_paradigm(cfg)
+
+
+def check_group_keys(cfg: DictConfig) -> None:
+    """Keys that a group's schema lacks. OmegaConf rejects them at compose time (`dataset.augmnet=false`),
+    but Hydra's `+KEY=VALUE` and `++KEY=VALUE` add them past the schema. A key of another option of the group
+    (a sweep's shared setting) is a warning instead (paradigm_checks.unread_settings)."""
+    for group in GROUP_FIELDS:
+        node = cfg.get(group)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if schema is None or not dataclasses.is_dataclass(schema):
+            continue
+        accepted = [*schema_keys(schema), *EXTRA_KEYS.get(group, ())]
+        _, unknown = keys_past_schema(group, schema, node.keys())
+        if unknown:
+            name = "" if OmegaConf.is_missing(node, "name") else node.name
+            raise KdrunError(f"unknown key(s) {', '.join(f'{group}.{key}' for key in unknown)} for {group} {name}; "
+                             f"accepted keys: {', '.join(sorted(accepted))}{did_you_mean(unknown[0], accepted)}")
 
 
 def stage_epochs(cfg: DictConfig, role: str) -> int:

@@ -2,39 +2,26 @@
 
 Families (one module each): embedded (mnist5k, digits: shipped in packages, offline),
 torchvision_sets (cifar10, cifar100, mnist, fashion_mnist), imagefolder (any train/val folder) and
-synthetic (tiny learnable random images for tests). Every item is (normalized float image C x H x W,
-int label, int index); user mistakes surface as one-line KdrunErrors.
+synthetic (tiny learnable random images for tests). Each builder registers itself in
+kdrun.data.registry.DATASETS where it is defined (any new module of this package is imported below), with
+the schema of its config. Every item is (normalized float image C x H x W, int label, int index); user
+mistakes surface as one-line KdrunErrors.
 """
 from __future__ import annotations
 
-import difflib
-from functools import partial
-from typing import Any, Callable, Mapping
+import importlib
+import pkgutil
+from typing import Any, Mapping
 
 from kdrun.data.bundle import DataBundle, InMemoryDataset, describe
-from kdrun.data.embedded import build_digits, build_mnist5k
-from kdrun.data.imagefolder import build_imagefolder
-from kdrun.data.synthetic import build_synthetic
-from kdrun.data.torchvision_sets import build_torchvision_dataset
+from kdrun.data.registry import DATASETS
 from kdrun.errors import KdrunError
 
-__all__ = ["DataBundle", "InMemoryDataset", "build_dataset", "dataset_names", "describe"]
-
-# Each builder takes the dataset's config without `name`.
-_BUILDERS: dict[str, Callable[[Mapping[str, Any]], DataBundle]] = {
-    "mnist5k": build_mnist5k,
-    "digits": build_digits,
-    "cifar10": partial(build_torchvision_dataset, "cifar10"),
-    "cifar100": partial(build_torchvision_dataset, "cifar100"),
-    "mnist": partial(build_torchvision_dataset, "mnist"),
-    "fashion_mnist": partial(build_torchvision_dataset, "fashion_mnist"),
-    "imagefolder": build_imagefolder,
-    "synthetic": build_synthetic,
-}
+__all__ = ["DATASETS", "DataBundle", "InMemoryDataset", "build_dataset", "dataset_names", "describe"]
 
 
 def dataset_names() -> list[str]:
-    return sorted(_BUILDERS)
+    return DATASETS.names()
 
 
 def build_dataset(cfg: Mapping[str, Any]) -> DataBundle:
@@ -43,10 +30,7 @@ def build_dataset(cfg: Mapping[str, Any]) -> DataBundle:
     name = options.pop("name", None)
     if name is None:
         raise KdrunError(f"the dataset config has no name: pass dataset=NAME, one of: {', '.join(dataset_names())}")
-    builder = _BUILDERS.get(str(name))
-    if builder is None:
-        raise KdrunError(_unknown_name_message(str(name)))
-    return builder(options)
+    return DATASETS.get(str(name))(options)
 
 
 def _plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,8 +41,10 @@ def _plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return dict(cfg)
 
 
-def _unknown_name_message(name: str) -> str:
-    names = dataset_names()
-    message = f"unknown dataset '{name}'; choose one of: {', '.join(names)}"
-    close = difflib.get_close_matches(name.lower(), names, n=1)
-    return message + (f"; did you mean '{close[0]}'?" if close else "")
+def _load_builder_modules() -> None:
+    """Import every module of this package, so that each builder registers itself (no list to extend)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_load_builder_modules()

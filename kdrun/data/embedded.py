@@ -16,12 +16,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from kdrun.config.groups import EmbeddedDataset
 from kdrun.data.bundle import DataBundle, InMemoryDataset, channel_stats
-from kdrun.errors import one_line
 from kdrun.data.options import read_options, require_fraction, require_int
-from kdrun.errors import KdrunError
-
-DEFAULTS = {"test_fraction": 0.2, "split_seed": 0}
+from kdrun.data.registry import DATASETS
+from kdrun.errors import KdrunError, one_line
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, split_seed: int,
@@ -42,7 +41,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, split_seed: int,
 
 def _split_bundle(name: str, images: np.ndarray, labels: np.ndarray, class_names: list[str],
                   cfg: Mapping[str, Any]) -> DataBundle:
-    options = read_options(name, cfg, DEFAULTS)
+    options = read_options(name, cfg, EmbeddedDataset)
     test_fraction = require_fraction("test_fraction", options["test_fraction"])
     split_seed = require_int("split_seed", options["split_seed"], minimum=0)
     train_idx, test_idx = stratified_split(labels, test_fraction, split_seed, name)
@@ -71,11 +70,13 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+@DATASETS.register("mnist5k", schema=EmbeddedDataset)
 def build_mnist5k(cfg: Mapping[str, Any]) -> DataBundle:
     images, labels = _mnist5k_arrays()
     return _split_bundle("mnist5k", images, labels, [str(d) for d in range(10)], cfg)
 
 
+@DATASETS.register("digits", schema=EmbeddedDataset)
 def build_digits(cfg: Mapping[str, Any]) -> DataBundle:
     from sklearn.datasets import load_digits
 

@@ -14,11 +14,12 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from kdrun.config.groups import ImageFolderDataset
 from kdrun.data.bundle import DataBundle, Item
-from kdrun.errors import one_line
 from kdrun.data.options import (absolute_path, read_options, require_bool, require_channel_stats,
                                 require_int)
-from kdrun.errors import KdrunError
+from kdrun.data.registry import DATASETS
+from kdrun.errors import KdrunError, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,16 +27,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAYSCALE_MEAN = (0.449,)
 GRAYSCALE_STD = (0.226,)
 
-DEFAULTS = {"root": None, "train_dir": "train", "val_dir": "val", "image_size": 224, "augment": True,
-            "mean": None, "std": None, "in_chans": 3}  # mean/std None: ImageNet's (grayscale: averaged)
-
 PIL_MODES = {1: "L", 3: "RGB"}
 ACCEPTED_EXTENSIONS = ", ".join(IMG_EXTENSIONS)
 MAX_NAMES_IN_MESSAGE = 5
 
 
+@DATASETS.register("imagefolder", schema=ImageFolderDataset)
 def build_imagefolder(cfg: Mapping[str, Any]) -> DataBundle:
-    options = read_options("imagefolder", cfg, DEFAULTS)
+    options = read_options("imagefolder", cfg, ImageFolderDataset)  # mean/std None: ImageNet's (grayscale: averaged)
     if options["root"] is None:
         raise KdrunError("dataset.root is required for imagefolder: pass dataset.root=PATH with train/ and val/ subfolders")
     root = absolute_path(options["root"])

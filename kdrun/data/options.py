@@ -1,5 +1,7 @@
-"""Reading a dataset's config keys: defaults, unknown-key errors, type checks and paths.
+"""Reading a dataset's config keys: defaults and accepted keys from its schema, value checks and paths.
 
+The keys, their types and defaults are the dataset's schema (kdrun/config/groups.py), which OmegaConf already
+checks when the CLI composes the config; a builder called with a plain dict gets the same accepted keys here.
 Every failure is a one-line KdrunError that names the key (as `dataset.KEY`) and how to fix it.
 """
 from __future__ import annotations
@@ -7,19 +9,19 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from kdrun.config.groups import DATASET_RUNNER_KEYS, schema_defaults
 from kdrun.errors import KdrunError
-
-# Keys that any dataset preset may carry for the runner (not the builder), so they are never "unknown".
-RUNNER_KEYS = ("num_workers",)
+from kdrun.registry import did_you_mean
 
 
-def read_options(dataset: str, cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """`defaults` overlaid with `cfg`; a key set to null keeps its default. Unknown keys are errors,
+def read_options(dataset: str, cfg: Mapping[str, Any], schema: type) -> dict[str, Any]:
+    """The schema's defaults overlaid with `cfg`; a key set to null keeps its default. Unknown keys are errors,
     because a misspelt key (dataset.augmnet=false) would otherwise be silently ignored."""
-    unknown = sorted(set(cfg) - set(defaults) - set(RUNNER_KEYS))
+    defaults = schema_defaults(schema)
+    unknown = sorted(set(cfg) - set(defaults) - {"name"} - set(DATASET_RUNNER_KEYS))
     if unknown:
         raise KdrunError(f"unknown key(s) {', '.join('dataset.' + k for k in unknown)} for dataset {dataset}; "
-                         f"accepted keys: {', '.join(sorted(defaults))}")
+                         f"accepted keys: {', '.join(sorted(defaults))}{did_you_mean(unknown[0], defaults)}")
     options = dict(defaults)
     options.update({key: value for key, value in cfg.items() if value is not None and key in defaults})
     return options

@@ -13,18 +13,19 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from kdrun.config.groups import SyntheticDataset
 from kdrun.data.bundle import DataBundle, InMemoryDataset, channel_stats
 from kdrun.data.options import read_options, require_int
-
-DEFAULTS = {"num_classes": 10, "train_size": 256, "test_size": 64, "image_size": 32, "in_chans": 3, "seed": 0}
+from kdrun.data.registry import DATASETS
 
 PATTERN_GRID = 4             # coarse cells per side of a class pattern
 PATTERN_RANGE = (48, 208)    # pattern pixel values, away from the clipping ends
 NOISE_STD = 64.0             # per-pixel noise: patterns stay separable but a model must average to see them
 
 
+@DATASETS.register("synthetic", schema=SyntheticDataset)
 def build_synthetic(cfg: Mapping[str, Any]) -> DataBundle:
-    options = read_options("synthetic", cfg, DEFAULTS)
+    options = read_options("synthetic", cfg, SyntheticDataset)
     num_classes = require_int("num_classes", options["num_classes"], minimum=2)
     train_size = require_int("train_size", options["train_size"], minimum=1)
     test_size = require_int("test_size", options["test_size"], minimum=1)

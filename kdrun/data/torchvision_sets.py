@@ -12,19 +12,19 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 from torchvision import datasets
 
+from kdrun.config.groups import TorchvisionDataset
 from kdrun.data.augment import RandomCropFlip
 from kdrun.data.bundle import DataBundle, InMemoryDataset
 from kdrun.data.options import absolute_path, read_options, require_bool
-from kdrun.errors import one_line
-from kdrun.errors import KdrunError
-
-DEFAULTS = {"root": "data", "download": False, "augment": True}
+from kdrun.data.registry import DATASETS
+from kdrun.errors import KdrunError, one_line
 
 # Seconds any one network operation of a download may block, so a dead network fails instead of hanging.
 DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
@@ -54,7 +54,7 @@ FAMILIES = {
 
 def build_torchvision_dataset(name: str, cfg: Mapping[str, Any]) -> DataBundle:
     family = FAMILIES[name]
-    options = read_options(name, cfg, DEFAULTS)
+    options = read_options(name, cfg, TorchvisionDataset)
     download = require_bool("download", options["download"])
     augment = require_bool("augment", options["augment"])
     root = absolute_path(options["root"])
@@ -71,6 +71,10 @@ def build_torchvision_dataset(name: str, cfg: Mapping[str, Any]) -> DataBundle:
     class_names = [str(c) for c in train_source.classes]
     return DataBundle(name=name, train=train, test=test, num_classes=len(class_names), in_chans=channels,
                       image_size=(height, width), class_names=class_names, mean=family.mean, std=family.std)
+
+
+for _name in FAMILIES:  # cifar10, cifar100, mnist, fashion_mnist: one builder, one schema
+    DATASETS.add(_name, partial(build_torchvision_dataset, _name), schema=TorchvisionDataset)
 
 
 def _load_split(name: str, family: TorchvisionFamily, root: str, train: bool, download: bool):

@@ -2,31 +2,25 @@
 
 A method's config file lists its terms, e.g. for KD:
     terms: {ce: {type: ce, weight: 0.1}, kd: {type: kd, weight: 0.9, T: 4}}
+Each `type` names a term class registered in kdrun.distill.registry.TERMS where it is defined (response.py,
+feature.py, feature_review.py, relation.py, or any new module of this package: all are imported below).
 """
 from __future__ import annotations
 
-import difflib
-import inspect
+import importlib
+import pkgutil
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
-from kdrun.distill.feature import FEATURE_TERMS
-from kdrun.distill.relation import RELATION_TERMS
-from kdrun.distill.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm, MLKDTerm
+from kdrun.distill.registry import TERMS, check_term, check_terms, takes_shapes
+from kdrun.distill.response import CrossEntropyTerm
 from kdrun.errors import KdrunError
 
-TERM_TYPES: dict[str, type[nn.Module]] = {
-    "ce": CrossEntropyTerm,
-    "kd": KDTerm,
-    "dkd": DKDTerm,
-    "dist": DISTTerm,
-    "mlkd": MLKDTerm,
-    **FEATURE_TERMS,
-    **RELATION_TERMS,
-}
+# Every registered term type by name: the registry itself (kept under its old name for callers).
+TERM_TYPES = TERMS
 
 
 class DistillLoss(nn.Module):
@@ -56,18 +50,14 @@ class DistillLoss(nn.Module):
 
 
 def _term_specs(distill_cfg: Mapping[str, Any]) -> list[tuple[str, type[nn.Module], dict, float]]:
-    """(name, class, options, weight) of every term, with one-line errors for unknown types."""
+    """(name, class, options, weight) of every term, with one-line errors for unknown types and options."""
     specs = []
     for name, spec in distill_cfg["terms"].items():
+        cls = check_term(name, spec)
         spec = dict(spec)
-        kind = spec.pop("type", name)
+        spec.pop("type", None)
         weight = float(spec.pop("weight", 1.0))
-        if kind not in TERM_TYPES:
-            close = difflib.get_close_matches(kind, TERM_TYPES, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise KdrunError(f"unknown loss term type '{kind}' in distill.terms.{name}: "
-                             f"choose one of {', '.join(sorted(TERM_TYPES))}{hint}")
-        specs.append((name, TERM_TYPES[kind], spec, weight))
+        specs.append((name, cls, spec, weight))
     if all(weight == 0 for *_, weight in specs):
         raise KdrunError("every loss term has weight 0: give at least one distill term a positive weight")
     return specs
@@ -90,7 +80,7 @@ def build_loss(distill_cfg: Mapping[str, Any], shapes: Optional[FeatureShapes] =
     for name, cls, options, weight in _term_specs(distill_cfg):
         if weight == 0:
             continue
-        if "shapes" in inspect.signature(cls.__init__).parameters:
+        if takes_shapes(cls):
             if shapes is None:
                 raise KdrunError(f"distill.terms.{name} needs feature shapes; build the loss through kdrun's "
                                  "runner, which measures them")
@@ -108,6 +98,13 @@ def hard_label_loss() -> DistillLoss:
     return DistillLoss({"ce": CrossEntropyTerm()}, {"ce": 1.0})
 
 
-__all__ = ["DistillLoss", "FeatureShapes", "StepContext", "build_loss", "hard_label_loss", "needs_features",
-           "needs_strong_view",
-           "TERM_TYPES"]
+def _load_term_modules() -> None:
+    """Import every module of this package, so that each term class registers itself (no list to extend)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_load_term_modules()
+
+__all__ = ["DistillLoss", "FeatureShapes", "StepContext", "TERMS", "TERM_TYPES", "build_loss", "check_terms",
+           "hard_label_loss", "needs_features", "needs_strong_view"]

@@ -22,11 +22,13 @@ from torch import nn
 from kdrun.distill.context import FeatureShapes, StepContext
 from kdrun.distill.feature_common import check_pairs, conv_bn, feature_pairs, resize_to
 from kdrun.distill.feature_review import ReviewKDTerm
+from kdrun.distill.registry import TERMS
 from kdrun.errors import KdrunError
 
 
 # --- FitNets (Romero, Ballas, Kahou, Chassang, Gatta & Bengio, ICLR 2015) ------------------------------
 
+@TERMS.register("fitnets", family="feature")
 class FitNetsTerm(nn.Module):
     """Hint loss of FitNets: the student's hint layer, through a regressor, predicts the teacher's
     guided layer.
@@ -70,6 +72,7 @@ def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return F.normalize(features.abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
+@TERMS.register("at", family="feature")
 class ATTerm(nn.Module):
     """Activation-based attention transfer.
 
@@ -116,6 +119,7 @@ def polynomial_mmd2(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
     return k_tt + k_ss - 2 * k_st
 
 
+@TERMS.register("nst", family="feature")
 class NSTTerm(nn.Module):
     """Neuron selectivity transfer: match the distributions of the channels' activation maps.
 
@@ -170,6 +174,7 @@ class VIDStage(nn.Module):
         return (0.5 * ((teacher - mu).pow(2) / var + var.log())).mean()
 
 
+@TERMS.register("vid", family="feature")
 class VIDTerm(nn.Module):
     """Variational information distillation: maximize a variational lower bound on I(t; s).
 
@@ -196,13 +201,8 @@ class VIDTerm(nn.Module):
         return sum(stage(student, teacher) for stage, (student, teacher) in zip(self.stages, feature_pairs(ctx)))
 
 
-FEATURE_TERMS: dict[str, type[nn.Module]] = {
-    "fitnets": FitNetsTerm,
-    "at": ATTerm,
-    "nst": NSTTerm,
-    "vid": VIDTerm,
-    "reviewkd": ReviewKDTerm,
-}
+# The feature terms as registered (a live view of kdrun.distill.registry.TERMS, not a list to extend).
+FEATURE_TERMS = TERMS.view(family="feature")
 
 __all__ = ["ATTerm", "FEATURE_TERMS", "FitNetsTerm", "NSTTerm", "ReviewKDTerm", "VIDTerm", "attention_map",
            "polynomial_mmd2"]

@@ -10,6 +10,7 @@ from torch import nn
 from kdrun.distill.context import FeatureShapes, StepContext
 from kdrun.distill.feature_common import check_pairs, feature_pairs, resize_to
 from kdrun.distill.response import warmup_factor
+from kdrun.distill.registry import TERMS
 from kdrun.errors import KdrunError
 
 
@@ -64,6 +65,7 @@ class ABF(nn.Module):
         return self.project(x), x
 
 
+@TERMS.register("reviewkd", family="feature")
 class ReviewKDTerm(nn.Module):
     """Knowledge review: each teacher stage is distilled from a fusion of the student's same and deeper stages.
 

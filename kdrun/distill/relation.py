@@ -17,6 +17,7 @@ from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
 from kdrun.distill.feature_common import check_pairs, feature_pairs
+from kdrun.distill.registry import TERMS
 from kdrun.errors import KdrunError
 
 
@@ -61,6 +62,7 @@ def rkd_parts(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tenso
     return distance, angle
 
 
+@TERMS.register("rkd", family="relation")
 class RKDTerm(nn.Module):
     """Relational knowledge distillation: distance- and angle-wise relations of the embeddings.
 
@@ -96,6 +98,7 @@ def cosine_conditional_probabilities(e: torch.Tensor, eps: float = 1e-7) -> torc
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
+@TERMS.register("pkt", family="relation")
 class PKTTerm(nn.Module):
     """Probabilistic knowledge transfer: match the cosine-kernel conditional distributions of the batch.
 
@@ -137,6 +140,7 @@ def rbf_correlation(e: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
     return sum(scale * (2.0 * gamma) ** p / math.factorial(p) * similarity.pow(p) for p in range(order + 1))
 
 
+@TERMS.register("cc", family="relation")
 class CCTerm(nn.Module):
     """Correlation congruence: match the batch's kernel correlation matrices of the embeddings.
 
@@ -187,6 +191,7 @@ def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(flat @ flat.t(), p=2, dim=1)
 
 
+@TERMS.register("sp", family="relation")
 class SPTerm(nn.Module):
     """Similarity-preserving KD: similar inputs should give similar activations in both networks.
 
@@ -229,6 +234,7 @@ def random_unit_rows(rows: int, dim: int) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim), p=2, dim=1)
 
 
+@TERMS.register("crd", family="relation")
 class CRDTerm(nn.Module):
     """Contrastive representation distillation: the student's embedding of a sample must pick the
     teacher's embedding of the same sample out of nce_k embeddings of other samples, and vice versa.
@@ -331,13 +337,8 @@ class CRDTerm(nn.Module):
         return loss
 
 
-RELATION_TERMS: dict[str, type[nn.Module]] = {
-    "rkd": RKDTerm,
-    "pkt": PKTTerm,
-    "cc": CCTerm,
-    "sp": SPTerm,
-    "crd": CRDTerm,
-}
+# The relation terms as registered (a live view of kdrun.distill.registry.TERMS, not a list to extend).
+RELATION_TERMS = TERMS.view(family="relation")
 
 __all__ = ["CCTerm", "CRDTerm", "PKTTerm", "RELATION_TERMS", "RKDTerm", "SPTerm", "cosine_conditional_probabilities",
            "embedding_pair", "normalized_distances", "rbf_correlation", "rkd_parts", "similarity_matrix",

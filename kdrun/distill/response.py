@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.distill.context import StepContext
+from kdrun.distill.registry import TERMS
 from kdrun.errors import KdrunError
 
 
@@ -22,6 +23,7 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T:
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (T * T)
 
 
+@TERMS.register("ce", family="response")
 class CrossEntropyTerm(nn.Module):
     """Hard-label cross-entropy of the student."""
 
@@ -38,6 +40,7 @@ class CrossEntropyTerm(nn.Module):
         return loss
 
 
+@TERMS.register("kd", family="response")
 class KDTerm(nn.Module):
     """Hinton's soft-target term at temperature T.
 
@@ -125,6 +128,7 @@ def warmup_factor(epoch: int, warmup_epochs: int) -> float:
     return min((epoch + 1) / warmup_epochs, 1.0)
 
 
+@TERMS.register("dkd", family="response")
 class DKDTerm(nn.Module):
     """Decoupled KD: warmup * (alpha * TCKD + beta * NCKD) (Zhao et al., CVPR 2022).
 
@@ -172,6 +176,7 @@ def dist_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return inter * (T * T), intra * (T * T)
 
 
+@TERMS.register("dist", family="response")
 class DISTTerm(nn.Module):
     """DIST: beta * inter-class + gamma * intra-class relation loss (Huang et al., NeurIPS 2022)."""
 
@@ -225,6 +230,7 @@ def confidence_masks(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.
             (class_confidence <= torch.quantile(class_confidence, 0.5)).to(teacher_logits.dtype))
 
 
+@TERMS.register("mlkd", family="response")
 class MLKDTerm(nn.Module):
     """Multi-level logit distillation, summed over several temperatures (Jin et al., CVPR 2023).
 

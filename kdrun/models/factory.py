@@ -18,8 +18,13 @@ from torch import nn
 
 from kdrun.errors import KdrunError
 from kdrun.models.cifar import CIFAR_MODELS, create_cifar_model
+from kdrun.registry import Registry
 
-SOURCES = ("timm", "torchvision", "cifar")
+# Model sources, tried in the order of their `priority` for a name without a prefix. Each registers its
+# create function with `has` (is this one of mine?), `names` (all of mine, for close-match suggestions) and
+# `label` (how messages name it).
+SOURCES = Registry("model source", "a prefix SOURCE:NAME, e.g. cifar:vgg13")
+SOURCE_ALIASES = {"tv": "torchvision"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,25 +32,62 @@ def _torchvision_classifiers() -> frozenset[str]:
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
+@SOURCES.register("timm", priority=0, label="timm", has=timm.is_model, names=timm.list_models)
+def _create_timm(bare: str, num_classes: int, in_chans: int, pretrained: bool, role: str,
+                 image_size: tuple[int, int] | None, **kwargs) -> nn.Module:
+    build = functools.partial(_timm_pretrained, bare, num_classes, in_chans, role) if pretrained else \
+        functools.partial(timm.create_model, bare, num_classes=num_classes, in_chans=in_chans)
+    model = build(**kwargs)
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if image_size and fixed is not None and tuple(fixed) != tuple(image_size) and "img_size" not in kwargs:
+        model = build(img_size=tuple(image_size), **kwargs)  # timm resamples pretrained position embeddings
+    return model
+
+
+@SOURCES.register("torchvision", priority=1, label="torchvision", has=lambda name: name in _torchvision_classifiers(),
+                  names=lambda: sorted(_torchvision_classifiers()))
+def _create_torchvision(bare: str, num_classes: int, in_chans: int, pretrained: bool, role: str,
+                        image_size: tuple[int, int] | None, **kwargs) -> nn.Module:
+    _no_pretrained(bare, "torchvision", pretrained, role)
+    model = torchvision.models.get_model(bare, weights=None, num_classes=num_classes, **kwargs)
+    fixed = getattr(model, "image_size", None)
+    if image_size and isinstance(fixed, int) and fixed != image_size[0] and "image_size" not in kwargs:
+        model = torchvision.models.get_model(bare, weights=None, num_classes=num_classes,
+                                             image_size=image_size[0], **kwargs)
+    return _adapt_input_channels(model, in_chans) if in_chans != 3 else model
+
+
+@SOURCES.register("cifar", priority=2, label="kdrun CIFAR", has=lambda name: name in CIFAR_MODELS,
+                  names=lambda: sorted(CIFAR_MODELS))
+def _create_cifar(bare: str, num_classes: int, in_chans: int, pretrained: bool, role: str,
+                  image_size: tuple[int, int] | None, **kwargs) -> nn.Module:
+    _no_pretrained(bare, "cifar", pretrained, role)
+    return create_cifar_model(bare, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _no_pretrained(name: str, source: str, pretrained: bool, role: str) -> None:
+    if pretrained:
+        raise KdrunError(f"{role}.pretrained=true needs a timm model, '{name}' is a {source} model: "
+                         f"load weights with {role}.checkpoint=PATH instead")
+
+
+def _by_priority() -> list[str]:
+    return sorted(SOURCES, key=lambda source: SOURCES.info(source)["priority"])
+
+
 def resolve_source(name: str, role: str = "model") -> tuple[str, str]:
     """Return (source, bare name) for a model name, or raise with close matches."""
     if ":" in name:
         source, bare = name.split(":", 1)
-        if source == "tv":
-            source = "torchvision"
+        source = SOURCE_ALIASES.get(source, source)
         if source not in SOURCES:
-            raise KdrunError(f"unknown model source '{source}' in '{name}': use one of {', '.join(SOURCES)}")
-        known = {"timm": timm.is_model(bare), "torchvision": bare in _torchvision_classifiers(),
-                 "cifar": bare in CIFAR_MODELS}[source]
-        if not known:
+            raise KdrunError(SOURCES.unknown(source, where=f"'{name}'"))
+        if not SOURCES.info(source)["has"](bare):
             raise KdrunError(f"unknown {role} {source} model '{bare}'{_suggestion(bare)}")
         return source, bare
-    if timm.is_model(name):
-        return "timm", name
-    if name in _torchvision_classifiers():
-        return "torchvision", name
-    if name in CIFAR_MODELS:
-        return "cifar", name
+    for source in _by_priority():
+        if SOURCES.info(source)["has"](name):
+            return source, name
     raise KdrunError(f"unknown {role} model '{name}'{_suggestion(name)}")
 
 
@@ -54,12 +96,14 @@ def _suggestion(name: str) -> str:
 
     # kdrun's own presets first: `resnet5O` should suggest the preset resnet50 before timm's resnet56.
     presets = preset_names()
-    others = sorted((set(timm.list_models()) | _torchvision_classifiers() | set(CIFAR_MODELS)) - set(presets))
+    known = set().union(*(SOURCES.info(source)["names"]() for source in SOURCES))
+    others = sorted(known - set(presets))
     close = difflib.get_close_matches(name, presets, n=2, cutoff=0.75)
     close += [c for c in difflib.get_close_matches(name, others, n=3, cutoff=0.6) if c not in close]
     close = close[:3]
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return f"{hint} Any timm, torchvision or kdrun CIFAR model name works (e.g. student.name=resnet18)"
+    *first, last = [SOURCES.info(source)["label"] for source in _by_priority()]
+    return f"{hint} Any {', '.join(first)} or {last} model name works (e.g. student.name=resnet18)"
 
 
 def check_model_name(name: str, role: str = "model") -> None:
@@ -71,25 +115,7 @@ def create_model(name: str, num_classes: int, in_chans: int, pretrained: bool = 
     """Build `name` for the dataset; `image_size` (H, W) rebuilds vision transformers made for a fixed
     input size (ViT, DeiT, ...) at the dataset's size, as their constructors allow."""
     source, bare = resolve_source(name, role)
-    if source == "timm":
-        build = functools.partial(_timm_pretrained, bare, num_classes, in_chans, role) if pretrained else \
-            functools.partial(timm.create_model, bare, num_classes=num_classes, in_chans=in_chans)
-        model = build(**kwargs)
-        fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if image_size and fixed is not None and tuple(fixed) != tuple(image_size) and "img_size" not in kwargs:
-            model = build(img_size=tuple(image_size), **kwargs)  # timm resamples pretrained position embeddings
-        return model
-    if pretrained:
-        raise KdrunError(f"{role}.pretrained=true needs a timm model, '{name}' is a {source} model: "
-                         f"load weights with {role}.checkpoint=PATH instead")
-    if source == "torchvision":
-        model = torchvision.models.get_model(bare, weights=None, num_classes=num_classes, **kwargs)
-        fixed = getattr(model, "image_size", None)
-        if image_size and isinstance(fixed, int) and fixed != image_size[0] and "image_size" not in kwargs:
-            model = torchvision.models.get_model(bare, weights=None, num_classes=num_classes,
-                                                 image_size=image_size[0], **kwargs)
-        return _adapt_input_channels(model, in_chans) if in_chans != 3 else model
-    return create_cifar_model(bare, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return SOURCES[source](bare, num_classes, in_chans, pretrained, role, image_size, **kwargs)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -1,8 +1,7 @@
-"""The teacher/student presets shipped in conf/ (short names such as `mobilenetv3`)."""
+"""The model presets shipped in conf/model/ (short names such as `mobilenetv3`), one set for the teacher,
+student and assistant groups."""
 from __future__ import annotations
 
-from kdrun.paths import group_options
+from kdrun.paths import model_preset, preset_names
 
-
-def preset_names() -> list[str]:
-    return sorted(set(group_options("teacher")) | set(group_options("student")))
+__all__ = ["model_preset", "preset_names"]

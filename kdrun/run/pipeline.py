@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun import __version__
 from kdrun.config.paradigm_checks import paradigm_name, unread_settings
 from kdrun.data import build_dataset, describe
-from kdrun.distill import needs_strong_view
+from kdrun.distill import check_terms, needs_strong_view
 from kdrun.engine import distributed
 from kdrun.engine.seeding import seed_everything
 from kdrun.engine.speed import build_speed
@@ -68,6 +68,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
 def build_context(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]] = None) -> RunContext:
     """Device, speed switches, dataset and the checks that need them, before any stage trains."""
     seed_everything(cfg.seed)
+    check_terms(cfg.distill)  # each term's type and options against its registered class
     check_model_name(cfg.teacher.name, "teacher")
     check_model_name(cfg.student.name, "student")
     device = distributed.setup(resolve_device(cfg.device), cfg.device)  # torchrun: this process's device

@@ -22,7 +22,7 @@ from kdrun.engine.speed import Speed
 from kdrun.engine.trainer import Recipe
 from kdrun.errors import KdrunError
 from kdrun.models import check_model_name, create_model
-from kdrun.paths import conf_dir, group_options
+from kdrun.paths import model_preset
 
 
 def plain(node: Any) -> Any:
@@ -81,10 +81,9 @@ def derive(ctx: RunContext, run_dir: Optional[Path] = None, **cfg_updates: Any) 
 
 
 def model_config(entry: Any, group: str) -> dict:
-    """A full model config from a preset name (conf/<group>/NAME.yaml), any model name, or a mapping."""
+    """A full model config from a preset name (conf/model/NAME.yaml), any model name, or a mapping."""
     if isinstance(entry, str):
-        node = OmegaConf.load(conf_dir() / group / f"{entry}.yaml") if entry in group_options(group) \
-            else {"name": entry}
+        node = model_preset(entry) or {"name": entry}
     else:
         node = entry
     try:
