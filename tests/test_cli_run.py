@@ -3,19 +3,15 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, read_metrics, without_timings
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(tmp_path_factory, tiny_args, run_kdrun):
     """One full run (teacher, baseline, distill), shared by the checks below."""
-    from conftest import run_kdrun
-
     cwd = tmp_path_factory.mktemp("e2e")
     run_dir = cwd / "run1"
-    proc = run_kdrun([*TINY, "T=3", f"hydra.run.dir={run_dir}"], cwd)
+    proc = run_kdrun([*tiny_args, "T=3", f"hydra.run.dir={run_dir}"], cwd)
     assert proc.returncode == 0, proc.stderr
     return cwd, run_dir, proc
 
@@ -29,7 +25,7 @@ def test_run_writes_every_output(first_run):
     assert "gain over baseline" in proc.stdout and "distilled" in proc.stdout
 
 
-def test_metrics_json_has_documented_values(first_run):
+def test_metrics_json_has_documented_values(first_run, read_metrics):
     _, run_dir, _ = first_run
     metrics = read_metrics(run_dir)
     assert metrics["status"] == "completed"
@@ -60,7 +56,7 @@ def test_checkpoints_hold_the_student(first_run):
     assert last["epoch"] == 4 and last["num_classes"] == 10
 
 
-def test_tensorboard_has_loss_terms_lr_and_accuracies(first_run):
+def test_tensorboard_has_loss_terms_lr_and_accuracies(first_run, read_metrics):
     _, run_dir, _ = first_run
     events = EventAccumulator(str(run_dir)).Reload()
     tags = set(events.Tags()["scalars"])
@@ -74,12 +70,10 @@ def test_tensorboard_has_loss_terms_lr_and_accuracies(first_run):
     assert events.Scalars("epoch/teacher_val_top1")[0].value == pytest.approx(metrics["teacher"]["top1"])
 
 
-def test_second_run_with_other_t_reuses_teacher_and_baseline(first_run):
-    from conftest import run_kdrun
-
+def test_second_run_with_other_t_reuses_teacher_and_baseline(first_run, tiny_args, run_kdrun, read_metrics):
     cwd, _, _ = first_run
     run_dir = cwd / "run2"
-    proc = run_kdrun([*TINY, "T=8", f"hydra.run.dir={run_dir}"], cwd)
+    proc = run_kdrun([*tiny_args, "T=8", f"hydra.run.dir={run_dir}"], cwd)
     assert proc.returncode == 0, proc.stderr
     assert "teacher: reusing cached" in proc.stderr and "baseline: reusing cached" in proc.stderr
     metrics = read_metrics(run_dir)
@@ -88,7 +82,8 @@ def test_second_run_with_other_t_reuses_teacher_and_baseline(first_run):
     assert len(list((cwd / "outputs" / "cache" / "teacher").glob("*/model.pt"))) == 1
 
 
-def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run):
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run, tiny_args, run_kdrun, read_metrics,
+                                                               without_timings):
     """SIGKILL a real run after its first checkpoint; resume=true continues it to the same final metrics."""
     import os
     import re
@@ -97,10 +92,8 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run):
     import sys
     import time
 
-    from conftest import run_kdrun
-
     cwd, _, _ = first_run
-    args = [*TINY, "T=2", "student.epochs=6"]
+    args = [*tiny_args, "T=2", "student.epochs=6"]
     full = cwd / "full"
     assert run_kdrun([*args, f"hydra.run.dir={full}"], cwd).returncode == 0
 
@@ -130,7 +123,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run):
     assert without_timings(resumed_metrics) == without_timings(full_metrics)
 
 
-def test_progress_bars_on_a_terminal_plain_lines_otherwise(first_run):
+def test_progress_bars_on_a_terminal_plain_lines_otherwise(first_run, tiny_args):
     """progress=auto draws tqdm bars when stderr is a terminal, and only log lines in a pipe."""
     import os
     import pty
@@ -139,7 +132,7 @@ def test_progress_bars_on_a_terminal_plain_lines_otherwise(first_run):
 
     cwd, _, piped = first_run
     assert "batch/s" not in piped.stderr and "student epoch 1/4" in piped.stderr
-    args = [a for a in TINY if not a.startswith("progress")]
+    args = [a for a in tiny_args if not a.startswith("progress")]
     import fcntl
     import struct
     import termios

@@ -6,7 +6,6 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import read_metrics, run_kdrun
 from kdrun.paths import conf_dir, group_options
 
 pytestmark = pytest.mark.slow
@@ -24,7 +23,7 @@ def weighted_terms(method: str) -> set[str]:
 
 
 @pytest.fixture(scope="module", params=sorted(PAIRS))
-def sweep(request, tmp_path_factory):
+def sweep(request, tmp_path_factory, run_kdrun, read_metrics):
     teacher, student = PAIRS[request.param]
     cwd = tmp_path_factory.mktemp(f"methods_{request.param}")
     proc = run_kdrun(["-m", f"distill={','.join(METHODS)}", f"teacher.name={teacher}", f"student.name={student}",
@@ -40,7 +39,7 @@ def sweep(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_runs_through_the_cli_and_logs_each_term(sweep, method):
+def test_method_runs_through_the_cli_and_logs_each_term(sweep, method, read_metrics):
     pair, jobs = sweep
     assert method in jobs, f"no finished job for {method} with the {pair} pair"
     metrics = read_metrics(jobs[method])
