@@ -1,4 +1,17 @@
-"""Shared fixtures: run the real `kdrun` command in a subprocess on tiny models and data."""
+"""Shared fixtures: run the real `kdrun` command in a subprocess on tiny models and data; and the split of
+the suite into a fast unit layer and the slow, end-to-end one.
+
+Two layers, told apart by markers that pytest_collection_modifyitems below adds:
+
+- `e2e`: a test that starts the real `kdrun` command in a subprocess (the `kdrun` and `run_kdrun`
+  fixtures, tests/cli_batch.py, torchrun), or trains several stages of a run (run_experiment).
+- `slow`: every `e2e` test, and the unit tests that train long enough to matter (marked in their files,
+  or listed in SLOW_UNIT_TESTS here).
+
+    python -m pytest -q                 # everything (the README's command, and CI's)
+    python -m pytest -q -m "not slow"   # the fast unit layer only
+    python -m pytest -q -m "not e2e"    # every unit test, the slow ones too
+"""
 from __future__ import annotations
 
 import json
@@ -75,3 +88,45 @@ def kdrun(tmp_path):
     def call(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         return _run_kdrun(list(args), tmp_path, timeout)
     return call
+
+
+# --- the two layers --------------------------------------------------------------------------------
+
+# Files whose every test is end-to-end.
+E2E_FILES = {
+    "test_cli_run.py",        # full runs of the CLI: outputs, cache reuse, resume after SIGKILL, progress bars
+    "test_determinism.py",    # the same CLI run twice, then torn files and a rerun
+    "test_methods_cli.py",    # every method through a `kdrun -m` sweep, two model pairs
+    "test_sweep_plugins.py",  # joblib / submitit / optuna sweeps of the CLI
+    "test_sweep_report.py",   # a 4-job CLI sweep and kdrun-report on it
+    "test_packaging.py",      # builds the wheel, runs the installed CLI
+    "test_help.py",           # `python -m kdrun.cli --help`
+}
+# A test that uses one of these fixtures (directly or through another fixture) starts the CLI.
+E2E_FIXTURES = {
+    "kdrun", "run_kdrun",               # conftest: `python -m kdrun.cli`
+    "light_results", "heavy_results",   # test_errors: the catalogue through tests/cli_batch.py
+}
+# Single end-to-end tests in files that are otherwise unit tests: file -> test names (without parameters).
+E2E_TESTS = {
+    "test_distributed.py": {"test_torchrun_two_processes_gloo"},                    # torchrun, 2 processes
+    "test_sweeps.py": {"test_missing_plugin_from_the_command_line_is_one_line"},    # kdrun.cli in a subprocess
+    "test_paradigms.py": {"test_each_generation_distils_from_the_saved_previous_generation"},  # run_experiment
+}
+# Unit tests slow enough to leave out of the fast layer, besides those marked slow in their files: file -> test
+# names. None at present: the whole unit layer (`-m "not slow"`, ~410 tests) took 57 s on 2 CPU cores, its
+# slowest test 2 s (`--durations=0`).
+SLOW_UNIT_TESTS: dict[str, set[str]] = {}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        file = item.path.name
+        name = getattr(item, "originalname", item.name)  # without the parameters of a parametrized test
+        if (file in E2E_FILES or E2E_FIXTURES & set(item.fixturenames)
+                or name in E2E_TESTS.get(file, ())):
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)
+        elif name in SLOW_UNIT_TESTS.get(file, ()):
+            item.add_marker(pytest.mark.slow)

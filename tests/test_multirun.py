@@ -1,7 +1,7 @@
-"""A real Hydra multirun: jobs in their own override-named directories, one teacher and baseline."""
-import pytest
+"""A real Hydra multirun: jobs in their own override-named directories, one teacher and baseline.
 
-pytestmark = pytest.mark.slow
+The sweep is end-to-end (tests/conftest.py marks it e2e and slow, as every test that uses the `kdrun` fixture);
+the job-name check below is a unit test."""
 
 
 def test_two_job_sweep_trains_teacher_and_baseline_once(kdrun, tmp_path, tiny_args, read_metrics):
