@@ -1,35 +1,102 @@
 """End-to-end runs of the real `kdrun` command on tiny models and synthetic data."""
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import TINY, read_metrics, without_timings
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(tmp_path_factory, tiny_args, run_kdrun):
     """One full run (teacher, baseline, distill), shared by the checks below."""
-    from conftest import run_kdrun
-
     cwd = tmp_path_factory.mktemp("e2e")
     run_dir = cwd / "run1"
-    proc = run_kdrun([*TINY, "T=3", f"hydra.run.dir={run_dir}"], cwd)
+    proc = run_kdrun([*tiny_args, "T=3", f"hydra.run.dir={run_dir}"], cwd)
     assert proc.returncode == 0, proc.stderr
     return cwd, run_dir, proc
 
 
-def test_run_writes_every_output(first_run):
+def test_run_writes_every_output(first_run, tiny_args, read_metrics):
+    """Every file of the run directory holds this run: its config, overrides, log, metrics, checkpoints and
+    TensorBoard curves agree with the command line, with each other and with the printed table."""
     _, run_dir, proc = first_run
-    for path in (".hydra/config.yaml", ".hydra/overrides.yaml", "kdrun.log", "metrics.json",
-                 "checkpoints/last.pt", "checkpoints/best.pt"):
-        assert (run_dir / path).is_file(), path
-    assert list(run_dir.glob("events.out.tfevents.*"))
+    metrics = read_metrics(run_dir)
+    teacher, baseline, student = metrics["teacher"], metrics["baseline"], metrics["student"]
+
+    # .hydra/: the overrides as given (Hydra's own, hydra.run.dir, left out), and the config they composed.
+    overrides = [*tiny_args, "T=3"]
+    assert yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) == overrides
+    assert metrics["overrides"] == overrides
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert (config["teacher"]["name"], config["student"]["name"]) == ("cifar:resnet14", "cifar:resnet8")
+    assert {k: config["dataset"][k] for k in ("name", "image_size", "train_size", "test_size")} == {
+        "name": "synthetic", "image_size": 16, "train_size": 320, "test_size": 64}
+    assert (config["epochs"], config["batch_size"], config["lr"], config["T"]) == (4, 32, 0.05, 3)
+    assert config["distill"]["name"] == metrics["method"] == "kd" and config["optim"]["name"] == "sgd"
+
+    # The printed table: one row per model, its cells those of metrics.json.
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()
+            if line.split()[:1] in (["teacher"], ["baseline"], ["distilled"])}
+    for label, role in (("teacher", teacher), ("baseline", baseline), ("distilled", student)):
+        assert rows[label][:7] == [role["name"], f"{100 * role['top1']:.2f}%", f"{100 * role['top5']:.2f}%",
+                                   f"{role['nll']:.3f}", f"{100 * role['ece']:.2f}%", f"{role['params'] / 1e6:.2f}M",
+                                   f"{role['flops'] / 1e6:.1f}"], label
+    assert f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points (T=3.0, alpha=0.9, kd)" \
+        in proc.stdout
     assert "gain over baseline" in proc.stdout and "distilled" in proc.stdout
 
+    # kdrun.log: every stage, every epoch, and the test accuracies metrics.json holds.
+    log = (run_dir / "kdrun.log").read_text()
+    assert "dataset synthetic: 320 train / 64 test, 10 classes, 3x16x16; device cpu" in log
+    assert "teacher: training cifar:resnet14 for 4 epochs" in log
+    assert "baseline: training cifar:resnet8 for 4 epochs" in log
+    for stage in ("teacher", "baseline", "student"):
+        assert [log.count(f"{stage} epoch {epoch}/4: ") for epoch in range(1, 5)] == [1, 1, 1, 1], stage
+    assert f"teacher cifar:resnet14: test top-1 {100 * teacher['top1']:.2f}%" in log
+    assert f"baseline cifar:resnet8: test top-1 {100 * baseline['top1']:.2f}%" in log
+    for record in metrics["history"]:
+        assert f"student epoch {record['epoch']}/4: loss {record['loss']:.4f}, " \
+               f"train top-1 {100 * record['train_top1']:.2f}%, val top-1 {100 * record['val_top1']:.2f}%" in log
 
-def test_metrics_json_has_documented_values(first_run):
+    # checkpoints/: the student after its last epoch, and at its best one (without optimizer state).
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    for saved in (last, best):
+        assert saved["format"] == "kdrun-checkpoint" and saved["stage"] == "student"
+        assert (saved["model_name"], saved["num_classes"], saved["in_chans"], saved["dataset"]) == (
+            "cifar:resnet8", 10, 3, "synthetic")
+        assert (saved["best_top1"], saved["best_epoch"]) == (student["best_top1"], student["best_epoch"])
+        assert saved["history"] == metrics["history"][:saved["epoch"]]
+        weights = saved["model"]
+        assert set(weights) == set(last["model"]) and len(weights) > 10
+        assert [w.shape[0] for w in weights.values() if w.ndim == 2] == [10]  # one classifier, 10 classes
+        assert next(w for w in weights.values() if w.ndim == 4).shape[1] == 3  # the first convolution: RGB
+        assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert last["epoch"] == 4 and last["optimizer"] is not None
+    assert best["epoch"] == student["best_epoch"] and best["optimizer"] is None
+    assert best["history"][-1]["val_top1"] == student["best_top1"] == max(h["val_top1"] for h in metrics["history"])
+    assert all(torch.equal(last["model"][k], w) for k, w in best["model"].items()) == (best["epoch"] == 4)
+
+    # TensorBoard: one value per step (10 a epoch) for the loss terms, one per epoch for the accuracies,
+    # one for each final metric.
+    event_files = list(run_dir.glob("events.out.tfevents.*"))
+    assert event_files
+    events = EventAccumulator(str(run_dir)).Reload()
+    for tag in ("train/loss", "train/loss_ce", "train/loss_kd", "train/lr"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(40)), tag
+    for tag, values in (("epoch/train_top1", [h["train_top1"] for h in metrics["history"]]),
+                        ("epoch/val_top1", [h["val_top1"] for h in metrics["history"]]),
+                        ("epoch/teacher_val_top1", [teacher["top1"]] * 4)):
+        scalars = events.Scalars(tag)
+        assert [e.step for e in scalars] == [1, 2, 3, 4], tag
+        assert [e.value for e in scalars] == pytest.approx(values), tag
+    for role, key in [(r, k) for r in ("teacher", "baseline", "student") for k in ("top1", "top5", "nll", "ece")]:
+        (final,) = events.Scalars(f"final/{role}/{key}")
+        assert final.value == pytest.approx(metrics[role][key], rel=1e-6), (role, key)
+
+
+def test_metrics_json_has_documented_values(first_run, read_metrics):
     _, run_dir, _ = first_run
     metrics = read_metrics(run_dir)
     assert metrics["status"] == "completed"
@@ -60,7 +127,7 @@ def test_checkpoints_hold_the_student(first_run):
     assert last["epoch"] == 4 and last["num_classes"] == 10
 
 
-def test_tensorboard_has_loss_terms_lr_and_accuracies(first_run):
+def test_tensorboard_has_loss_terms_lr_and_accuracies(first_run, read_metrics):
     _, run_dir, _ = first_run
     events = EventAccumulator(str(run_dir)).Reload()
     tags = set(events.Tags()["scalars"])
@@ -74,12 +141,10 @@ def test_tensorboard_has_loss_terms_lr_and_accuracies(first_run):
     assert events.Scalars("epoch/teacher_val_top1")[0].value == pytest.approx(metrics["teacher"]["top1"])
 
 
-def test_second_run_with_other_t_reuses_teacher_and_baseline(first_run):
-    from conftest import run_kdrun
-
+def test_second_run_with_other_t_reuses_teacher_and_baseline(first_run, tiny_args, run_kdrun, read_metrics):
     cwd, _, _ = first_run
     run_dir = cwd / "run2"
-    proc = run_kdrun([*TINY, "T=8", f"hydra.run.dir={run_dir}"], cwd)
+    proc = run_kdrun([*tiny_args, "T=8", f"hydra.run.dir={run_dir}"], cwd)
     assert proc.returncode == 0, proc.stderr
     assert "teacher: reusing cached" in proc.stderr and "baseline: reusing cached" in proc.stderr
     metrics = read_metrics(run_dir)
@@ -88,7 +153,8 @@ def test_second_run_with_other_t_reuses_teacher_and_baseline(first_run):
     assert len(list((cwd / "outputs" / "cache" / "teacher").glob("*/model.pt"))) == 1
 
 
-def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run):
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run, tiny_args, run_kdrun, read_metrics,
+                                                               without_timings):
     """SIGKILL a real run after its first checkpoint; resume=true continues it to the same final metrics."""
     import os
     import re
@@ -97,10 +163,8 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run):
     import sys
     import time
 
-    from conftest import run_kdrun
-
     cwd, _, _ = first_run
-    args = [*TINY, "T=2", "student.epochs=6"]
+    args = [*tiny_args, "T=2", "student.epochs=6"]
     full = cwd / "full"
     assert run_kdrun([*args, f"hydra.run.dir={full}"], cwd).returncode == 0
 
@@ -130,7 +194,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run):
     assert without_timings(resumed_metrics) == without_timings(full_metrics)
 
 
-def test_progress_bars_on_a_terminal_plain_lines_otherwise(first_run):
+def test_progress_bars_on_a_terminal_plain_lines_otherwise(first_run, tiny_args):
     """progress=auto draws tqdm bars when stderr is a terminal, and only log lines in a pipe."""
     import os
     import pty
@@ -139,7 +203,7 @@ def test_progress_bars_on_a_terminal_plain_lines_otherwise(first_run):
 
     cwd, _, piped = first_run
     assert "batch/s" not in piped.stderr and "student epoch 1/4" in piped.stderr
-    args = [a for a in TINY if not a.startswith("progress")]
+    args = [a for a in tiny_args if not a.startswith("progress")]
     import fcntl
     import struct
     import termios

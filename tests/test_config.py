@@ -28,11 +28,47 @@ def test_every_preset_composes(group, option):
         validate(cfg)
 
 
+# The model presets the issue named, and the timm model each one stands for.
+MODEL_PRESETS = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
+                 "mobilenetv3": "mobilenetv3_large_100", "mobilenetv3_small": "mobilenetv3_small_100",
+                 "efficientnet_b0": "efficientnet_b0"}
+# The dataset presets the issue named, and the dataset config each one composes to.
+TORCHVISION_SET = {"root": "data", "download": False, "augment": True}  # files under ./data, never downloaded unasked
+EMBEDDED_SET = {"test_fraction": 0.2, "split_seed": 0}                  # a fixed, seeded 80/20 split
+DATASET_PRESETS = {
+    "mnist5k": {"name": "mnist5k", **EMBEDDED_SET},
+    "digits": {"name": "digits", **EMBEDDED_SET},
+    "cifar10": {"name": "cifar10", **TORCHVISION_SET},
+    "cifar100": {"name": "cifar100", **TORCHVISION_SET},
+    "mnist": {"name": "mnist", **TORCHVISION_SET},
+    "fashion_mnist": {"name": "fashion_mnist", **TORCHVISION_SET},
+    "imagefolder": {"name": "imagefolder", "root": None, "train_dir": "train", "val_dir": "val", "image_size": 224,
+                    "augment": True, "in_chans": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                    "num_workers": 2},
+    "synthetic": {"name": "synthetic", "num_classes": 10, "train_size": 256, "test_size": 64, "image_size": 32,
+                  "in_chans": 3, "seed": 0},
+}
+
+
 def test_presets_named_in_the_issue_exist():
-    for preset in ("resnet18", "resnet34", "resnet50", "mobilenetv3", "mobilenetv3_small", "efficientnet_b0"):
-        assert preset in group_options("teacher") and preset in group_options("student")
-    assert set(group_options("dataset")) >= {"mnist5k", "digits", "cifar10", "cifar100", "mnist", "fashion_mnist",
-                                              "imagefolder", "synthetic"}
+    """Each preset composes to the model or dataset it names, and changes nothing else of the config."""
+    import timm
+
+    default = OmegaConf.to_container(compose_with(), resolve=True)
+    for preset, model in MODEL_PRESETS.items():
+        cfg = OmegaConf.to_container(compose_with(f"teacher={preset}", f"student={preset}"), resolve=True)
+        for role in ("teacher", "student"):
+            assert cfg[role] == {**default[role], "name": model}, (role, preset)
+            assert cfg[role]["pretrained"] is False and cfg[role]["checkpoint"] is None  # trained from scratch
+        assert timm.is_model(model), model  # a model timm builds, not a name kdrun would reject
+        assert {k: v for k, v in cfg.items() if k not in ("teacher", "student")} == \
+            {k: v for k, v in default.items() if k not in ("teacher", "student")}, preset
+    assert len({model for model in MODEL_PRESETS.values()}) == len(MODEL_PRESETS)
+    for preset, dataset in DATASET_PRESETS.items():
+        cfg = OmegaConf.to_container(compose_with(f"dataset={preset}"), resolve=True)
+        assert cfg["dataset"] == dataset, preset
+        assert {k: v for k, v in cfg.items() if k != "dataset"} == \
+            {k: v for k, v in default.items() if k != "dataset"}, preset
 
 
 def test_kd_weights_follow_top_level_t_and_alpha():

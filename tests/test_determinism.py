@@ -1,23 +1,25 @@
 """`seed=` fixes everything kdrun controls; a torn checkpoint or cache entry costs an epoch, not the run."""
 import pytest
 
-from conftest import TINY, read_metrics, run_kdrun, without_timings
-
 pytestmark = pytest.mark.slow
 
-ARGS = [*TINY, "epochs=2", "student.epochs=3", "baseline=false", "seed=7", "hydra.run.dir=run"]
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def args(tiny_args):
+    return [*tiny_args, "epochs=2", "student.epochs=3", "baseline=false", "seed=7", "hydra.run.dir=run"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, run_kdrun, args):
     """The same command twice, each in its own directory with its own stage cache."""
     cwds = [tmp_path_factory.mktemp(name) for name in ("first", "second")]
     for cwd in cwds:
-        proc = run_kdrun(ARGS, cwd)
+        proc = run_kdrun(args, cwd)
         assert proc.returncode == 0, proc.stderr
     return cwds
 
 
-def test_two_identical_runs_write_identical_metrics(two_runs):
+def test_two_identical_runs_write_identical_metrics(two_runs, read_metrics, without_timings):
     first, second = (read_metrics(cwd / "run") for cwd in two_runs)
     assert first["seed"] == 7 and first["teacher"]["source"] == second["teacher"]["source"] == "trained"
     assert set(first) - set(without_timings(first)) == {"seconds", "speedup"}
@@ -27,7 +29,8 @@ def test_two_identical_runs_write_identical_metrics(two_runs):
     assert len(first["history"]) == 3 and first["history"][0]["loss"] != first["history"][-1]["loss"]
 
 
-def test_torn_last_checkpoint_and_cache_entry_resume_to_the_same_result(two_runs):
+def test_torn_last_checkpoint_and_cache_entry_resume_to_the_same_result(two_runs, args, run_kdrun, read_metrics,
+                                                                       without_timings):
     """Tear the second run's last.pt and its cached teacher, rerun into the same directory: the student
     resumes from last.prev.pt (one epoch back), the teacher is rebuilt from its entry's progress, and
     the result equals the untouched first run's."""
@@ -40,7 +43,7 @@ def test_torn_last_checkpoint_and_cache_entry_resume_to_the_same_result(two_runs
         torn.write_bytes(data[: len(data) // 2])
     (run / "metrics.json").unlink()
 
-    proc = run_kdrun(ARGS, cwd)
+    proc = run_kdrun(args, cwd)
     assert proc.returncode == 0, proc.stderr
     assert f"student: {last} is unreadable (" in proc.stderr
     assert f"student: resuming from {last.with_name('last.prev.pt')} (epoch 2/3 done)" in proc.stderr

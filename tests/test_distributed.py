@@ -14,8 +14,6 @@ from kdrun.errors import KdrunError
 from kdrun.models import create_model
 from kdrun.engine.ranks import worker_argv
 
-from conftest import TINY, read_metrics
-
 
 def data(train_size: int):
     return build_dataset({"name": "synthetic", "image_size": 8, "train_size": train_size, "test_size": 8})
@@ -74,14 +72,14 @@ def test_other_ranks_get_a_private_hydra_dir_and_no_logs(monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_gloo(tmp_path):
+def test_torchrun_two_processes_gloo(tmp_path, tiny_args, read_metrics):
     """2 processes on the CPU: the run completes, only rank 0 writes, and metrics.json's accuracy is what
     one process measures on the saved checkpoint."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch),
            "OMP_NUM_THREADS": "1"}
-    args = [a for a in TINY if not a.startswith("epochs")]
+    args = [a for a in tiny_args if not a.startswith("epochs")]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdrun",
          *args, "epochs=2", "device=cpu", "teacher.cache=true", "hydra.run.dir=run"],

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, read_metrics
 from kdrun.engine.divergence import LossWatch, Where, check_finite_weights
 from kdrun.errors import DivergedError
 
@@ -74,8 +73,9 @@ EXPLODING = ["baseline=false", "sched=multistep", "sched.milestones=[1]"]
 
 
 @pytest.mark.slow
-def test_diverged_run_stops_keeps_its_last_good_checkpoint_and_says_where(kdrun, tmp_path, teacher_file):
-    proc = kdrun(*TINY, *EXPLODING, "student.epochs=3", "sched.gamma=1e8", f"teacher.checkpoint={teacher_file}", "hydra.run.dir=run")
+def test_diverged_run_stops_keeps_its_last_good_checkpoint_and_says_where(kdrun, tmp_path, teacher_file, tiny_args,
+                                                                        read_metrics):
+    proc = kdrun(*tiny_args, *EXPLODING, "student.epochs=3", "sched.gamma=1e8", f"teacher.checkpoint={teacher_file}", "hydra.run.dir=run")
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdrun: error:")]
@@ -97,8 +97,8 @@ def test_diverged_run_stops_keeps_its_last_good_checkpoint_and_says_where(kdrun,
 
 
 @pytest.mark.slow
-def test_sweep_goes_on_after_a_diverged_job_and_names_it(kdrun, tmp_path, teacher_file):
-    proc = kdrun("-m", *TINY, *EXPLODING, "student.epochs=2", "sched.gamma=1e8,0.5",
+def test_sweep_goes_on_after_a_diverged_job_and_names_it(kdrun, tmp_path, teacher_file, tiny_args, read_metrics):
+    proc = kdrun("-m", *tiny_args, *EXPLODING, "student.epochs=2", "sched.gamma=1e8,0.5",
                  f"teacher.checkpoint={teacher_file}", "hydra.sweep.dir=sweep")
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr

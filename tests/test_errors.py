@@ -13,14 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
-
 HERE = Path(__file__).parent
-NOT_TINY_DATA = [a for a in TINY if not a.startswith("dataset")]
 # A run that gets to the distill stage at once: the teacher is loaded, no baseline is trained.
 LOADED_TEACHER = ["teacher.checkpoint={inputs}/teacher.pt", "baseline=false"]
 
-# name: (arguments after TINY, a piece of the one-line error). {inputs} is the folder of prepared files.
+# name: (arguments after the tiny experiment's (tiny_args), a piece of the one-line error). {inputs} is the folder of prepared files.
 LIGHT = {
     "zero temperature": (["T=0"], "T=0.0 must be > 0"),
     "negative temperature": (["T=-2"], "T=-2.0 must be > 0"),
@@ -171,13 +168,15 @@ def make_inputs(inputs: Path) -> None:
     (inputs / "torn_run" / "checkpoints" / "last.pt").write_bytes(whole[:1000])
 
 
-def _arguments(args: list[str], inputs: Path) -> list[str]:
+def _arguments(args: list[str], inputs: Path, tiny: tuple[str, ...]) -> list[str]:
+    """The case's arguments after the tiny experiment's (less its dataset, where the case names one)."""
     args = [a.replace("{inputs}", str(inputs)) for a in args]
-    base = NOT_TINY_DATA if any(a.startswith(("dataset=", "dataset.root")) for a in args) else TINY
+    not_tiny_data = [a for a in tiny if not a.startswith("dataset")]
+    base = not_tiny_data if any(a.startswith(("dataset=", "dataset.root")) for a in args) else tiny
     return [*base, *args]
 
 
-def run_batch(mode: str, cases: dict, root: Path, inputs: Path) -> dict:
+def run_batch(mode: str, cases: dict, root: Path, inputs: Path, tiny: tuple[str, ...]) -> dict:
     """Run every case of `cases` in its own working directory; returns name -> (result, cwd)."""
     batch = root / mode
     batch.mkdir()
@@ -186,7 +185,7 @@ def run_batch(mode: str, cases: dict, root: Path, inputs: Path) -> dict:
         cwd = batch / f"case{i}"
         cwd.mkdir()
         cwds[name] = cwd
-        payload.append({"args": _arguments(args, inputs), "cwd": str(cwd)})
+        payload.append({"args": _arguments(args, inputs, tiny), "cwd": str(cwd)})
     (batch / "cases.json").write_text(json.dumps(payload))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("KDRUN_TRACEBACK", None)
@@ -206,13 +205,13 @@ def inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def light_results(inputs):
-    return run_batch("light", LIGHT, inputs.parent, inputs)
+def light_results(inputs, tiny_args):
+    return run_batch("light", LIGHT, inputs.parent, inputs, tiny_args)
 
 
 @pytest.fixture(scope="module")
-def heavy_results(inputs):
-    return run_batch("heavy", {**HEAVY, **EXISTING_RUN}, inputs.parent, inputs)
+def heavy_results(inputs, tiny_args):
+    return run_batch("heavy", {**HEAVY, **EXISTING_RUN}, inputs.parent, inputs, tiny_args)
 
 
 def assert_one_line_error(result: dict, expected: str) -> str:
@@ -289,13 +288,13 @@ def test_crd_without_sample_indices_is_one_line():
     assert "\n" not in str(raised.value)
 
 
-def test_plain_state_dict_teacher_is_loaded_not_trained(kdrun, tmp_path):
+def test_plain_state_dict_teacher_is_loaded_not_trained(kdrun, tmp_path, tiny_args):
     from kdrun.models import create_model
 
     torch.manual_seed(1)
     path = tmp_path / "t.pt"
     torch.save(create_model("cifar:resnet14", num_classes=10, in_chans=3).state_dict(), path)
-    proc = kdrun(*TINY, f"teacher.checkpoint={path}", "baseline=false", "epochs=1", "hydra.run.dir=run")
+    proc = kdrun(*tiny_args, f"teacher.checkpoint={path}", "baseline=false", "epochs=1", "hydra.run.dir=run")
     assert proc.returncode == 0, proc.stderr
     assert "teacher: loaded cifar:resnet14" in proc.stderr and "teacher: training" not in proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -1,13 +1,11 @@
-"""A real Hydra multirun: jobs in their own override-named directories, one teacher and baseline."""
-import pytest
+"""A real Hydra multirun: jobs in their own override-named directories, one teacher and baseline.
 
-from conftest import TINY, read_metrics
-
-pytestmark = pytest.mark.slow
+The sweep is end-to-end (tests/conftest.py marks it e2e and slow, as every test that uses the `kdrun` fixture);
+the job-name check below is a unit test."""
 
 
-def test_two_job_sweep_trains_teacher_and_baseline_once(kdrun, tmp_path):
-    proc = kdrun("-m", *TINY, "T=1,4", "hydra.sweep.dir=sweep")
+def test_two_job_sweep_trains_teacher_and_baseline_once(kdrun, tmp_path, tiny_args, read_metrics):
+    proc = kdrun("-m", *tiny_args, "T=1,4", "hydra.sweep.dir=sweep")
     assert proc.returncode == 0, proc.stderr
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in jobs] == ["0_T=1", "1_T=4"]

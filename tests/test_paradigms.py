@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, read_metrics
 from kdrun.config.schema import register_configs, validate
 from kdrun.distill.context import StepContext
 from kdrun.distill.multi_teacher import MultiTeacherKDTerm, mixture_log_probs, multi_teacher_loss, teacher_weights
@@ -21,16 +20,23 @@ from kdrun.models import create_model
 from kdrun.paths import conf_dir
 
 register_configs()
-# TINY, smaller still: 96 training images (3 steps of 32), 32 test images, one epoch a stage.
-TINY_1 = [a for a in TINY if not a.startswith(("dataset.train_size", "dataset.test_size", "epochs"))] + [
-    "dataset.train_size=96", "dataset.test_size=32", "epochs=1"]
 SGD = {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
 
 
-def compose_cfg(tmp_path, *overrides):
-    """The composed config of TINY_1 plus `overrides`, caching into tmp_path."""
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=[*TINY_1, f"cache_dir={tmp_path / 'cache'}", *overrides])
+@pytest.fixture(scope="module")
+def tiny_1(tiny_args):
+    """tiny_args, smaller still: 96 training images (3 steps of 32), 32 test images, one epoch a stage."""
+    return [a for a in tiny_args if not a.startswith(("dataset.train_size", "dataset.test_size", "epochs"))] + [
+        "dataset.train_size=96", "dataset.test_size=32", "epochs=1"]
+
+
+@pytest.fixture
+def compose_cfg(tiny_1, tmp_path):
+    """compose_cfg(*overrides): the composed config of tiny_1 plus `overrides`, caching into tmp_path."""
+    def compose_tiny_1(*overrides):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=[*tiny_1, f"cache_dir={tmp_path / 'cache'}", *overrides])
+    return compose_tiny_1
 
 
 def logits(*shape, seed=0):
@@ -158,7 +164,7 @@ def test_multi_teacher_fixed_and_confidence_weights_match_hand_computations():
 # --- self: born-again networks --------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, monkeypatch):
+def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, monkeypatch, compose_cfg, read_metrics):
     import kdrun.paradigms.born_again as born_again
     from kdrun.run.pipeline import run_experiment
 
@@ -171,7 +177,7 @@ def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, mo
 
     monkeypatch.setattr(born_again, "distill_student", recording)
     run_dir = tmp_path / "run"
-    metrics = run_experiment(compose_cfg(tmp_path, "paradigm=self", "paradigm.generations=2",
+    metrics = run_experiment(compose_cfg("paradigm=self", "paradigm.generations=2",
                                          "paradigm.ensemble=true", "baseline=false"), run_dir)
     assert [d for d, _, _ in seen] == [run_dir / "gen1", run_dir]
     assert {name for *_, name in seen} == {"cifar:resnet14"}  # the student has the teacher's architecture
@@ -190,7 +196,7 @@ def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, mo
     from kdrun.data import build_dataset
     from kdrun.engine.evaluate import predict
 
-    cfg = compose_cfg(tmp_path, "paradigm=self")
+    cfg = compose_cfg("paradigm=self")
     data = build_dataset(cfg.dataset)
     probabilities = []
     for checkpoint in (run_dir / "gen1" / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt"):
@@ -210,7 +216,7 @@ def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, mo
 
 @pytest.mark.parametrize("paradigm", ["offline", "teacher", "baseline", "online", "self", "multi_teacher",
                                       "assistant"])
-def test_every_paradigm_file_composes_and_cites_its_paper(tmp_path, paradigm):
+def test_every_paradigm_file_composes_and_cites_its_paper(compose_cfg, paradigm):
     import re
 
     from kdrun.paths import group_options
@@ -218,16 +224,16 @@ def test_every_paradigm_file_composes_and_cites_its_paper(tmp_path, paradigm):
     assert paradigm in group_options("paradigm")
     text = (conf_dir() / "paradigm" / f"{paradigm}.yaml").read_text()
     assert re.search(r"(NIPS|CVPR|ICML|KDD|AAAI|ICASSP)[^\n]*(19|20)\d\d", text), "no paper cited"
-    cfg = compose_cfg(tmp_path, f"paradigm={paradigm}", "teachers=[cifar:resnet14,resnet50]"
+    cfg = compose_cfg(f"paradigm={paradigm}", "teachers=[cifar:resnet14,resnet50]"
                       if paradigm == "multi_teacher" else "baseline=true")
     assert cfg.paradigm.name == paradigm
     validate(cfg)
 
 
-def test_default_paradigm_is_offline_and_assistant_takes_presets_and_names(tmp_path):
+def test_default_paradigm_is_offline_and_assistant_takes_presets_and_names(compose_cfg):
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         assert compose(config_name="config").paradigm.name == "offline"
-    assert compose_cfg(tmp_path, "paradigm=assistant", "assistant=resnet34").assistant.name == "resnet34"
+    assert compose_cfg("paradigm=assistant", "assistant=resnet34").assistant.name == "resnet34"
     from kdrun.cli.argv import preflight
 
     assert preflight(["assistant=cifar:resnet14"]) == ["assistant.name=cifar:resnet14"]
@@ -247,26 +253,26 @@ def test_default_paradigm_is_offline_and_assistant_takes_presets_and_names(tmp_p
     (["paradigm=assistant", "assistant.checkpoint=x.pt"], "assistant.checkpoint=x.pt is not read"),
     (["paradigm.name=mutual"], "unknown paradigm 'mutual'"),
 ])
-def test_bad_paradigm_settings_fail_with_one_line(tmp_path, overrides, message):
+def test_bad_paradigm_settings_fail_with_one_line(compose_cfg, overrides, message):
     with pytest.raises(KdrunError, match=message) as error:
-        validate(compose_cfg(tmp_path, *overrides))
+        validate(compose_cfg(*overrides))
     assert "\n" not in str(error.value)
 
 
-def test_settings_a_paradigm_ignores_are_named(tmp_path):
+def test_settings_a_paradigm_ignores_are_named(compose_cfg):
     from kdrun.config.paradigm_checks import unread_settings
 
     assert "teachers=['a', 'b'] is read by paradigm=multi_teacher only" in \
-        unread_settings(compose_cfg(tmp_path, "teachers=[a,b]"))[0]
-    assert "distill=dkd is ignored" in unread_settings(compose_cfg(tmp_path, "paradigm=online", "distill=dkd"))[0]
-    assert unread_settings(compose_cfg(tmp_path)) == []
+        unread_settings(compose_cfg("teachers=[a,b]"))[0]
+    assert "distill=dkd is ignored" in unread_settings(compose_cfg("paradigm=online", "distill=dkd"))[0]
+    assert unread_settings(compose_cfg()) == []
 
 
 # --- the real CLI ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_teacher_paradigm_saves_a_teacher_that_offline_runs_reuse(kdrun, tmp_path):
-    proc = kdrun(*TINY_1, "teacher.epochs=2", "paradigm=teacher", "hydra.run.dir=teacher_run")
+def test_teacher_paradigm_saves_a_teacher_that_offline_runs_reuse(kdrun, tmp_path, tiny_1, read_metrics):
+    proc = kdrun(*tiny_1, "teacher.epochs=2", "paradigm=teacher", "hydra.run.dir=teacher_run")
     assert proc.returncode == 0, proc.stderr
     teacher_run = tmp_path / "teacher_run"
     metrics = read_metrics(teacher_run)
@@ -282,19 +288,19 @@ def test_teacher_paradigm_saves_a_teacher_that_offline_runs_reuse(kdrun, tmp_pat
     assert len(events.Scalars("epoch/val_top1")) == 2
 
     # By config: an offline run with the same teacher and recipe takes it from the cache ...
-    proc = kdrun(*TINY_1, "teacher.epochs=2", "baseline=false", "hydra.run.dir=offline_run")
+    proc = kdrun(*tiny_1, "teacher.epochs=2", "baseline=false", "hydra.run.dir=offline_run")
     assert proc.returncode == 0, proc.stderr
     assert "teacher: reusing cached cifar:resnet14" in proc.stderr
     offline = read_metrics(tmp_path / "offline_run")
     assert offline["teacher"]["source"] == "cache" and offline["teacher"]["top1"] == metrics["teacher"]["top1"]
     # ... and by path, from the run directory.
-    proc = kdrun(*TINY_1, "paradigm=teacher", f"teacher.checkpoint={teacher_run / 'checkpoints' / 'last.pt'}",
+    proc = kdrun(*tiny_1, "paradigm=teacher", f"teacher.checkpoint={teacher_run / 'checkpoints' / 'last.pt'}",
                  "hydra.run.dir=loaded")
     assert proc.returncode == 0, proc.stderr
     assert read_metrics(tmp_path / "loaded")["teacher"]["top1"] == metrics["teacher"]["top1"]
     # ... and as one of several teachers, given as a model config with its checkpoint.
     saved_path = teacher_run / "checkpoints" / "last.pt"
-    proc = kdrun(*TINY_1, "paradigm=multi_teacher", "baseline=false",
+    proc = kdrun(*tiny_1, "paradigm=multi_teacher", "baseline=false",
                  f"teachers=[{{name:'cifar:resnet14',checkpoint:'{saved_path}'}},'cifar:resnet8']", "hydra.run.dir=multi")
     assert proc.returncode == 0, proc.stderr
     multi = read_metrics(tmp_path / "multi")
@@ -304,9 +310,9 @@ def test_teacher_paradigm_saves_a_teacher_that_offline_runs_reuse(kdrun, tmp_pat
 
 
 @pytest.mark.slow
-def test_every_other_paradigm_runs_from_the_cli(kdrun, tmp_path):
+def test_every_other_paradigm_runs_from_the_cli(kdrun, tmp_path, tiny_1, read_metrics):
     """One sweep, one job per paradigm, sharing the teachers through the cache."""
-    sweep = ("-m", *TINY_1, "paradigm=baseline,online,self,multi_teacher,assistant",
+    sweep = ("-m", *tiny_1, "paradigm=baseline,online,self,multi_teacher,assistant",
              "teachers=[cifar:resnet14,cifar:resnet8]", "++paradigm.weighting=confidence",
              "assistant.name=cifar:resnet8", "hydra.sweep.dir=sweep")
     proc = kdrun(*sweep)
@@ -369,9 +375,9 @@ def test_every_other_paradigm_runs_from_the_cli(kdrun, tmp_path):
     assert {job.name: (job / "metrics.json").stat().st_mtime_ns for job in jobs.values()} == before
 
 
-def test_cli_rejects_bad_paradigm_settings_in_one_line(kdrun):
-    proc = kdrun(*TINY, "paradigm=online", "paradigm.peers=1")
+def test_cli_rejects_bad_paradigm_settings_in_one_line(kdrun, tiny_args):
+    proc = kdrun(*tiny_args, "paradigm=online", "paradigm.peers=1")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("kdrun: error: paradigm=online needs at least 2 peers")
-    proc = kdrun(*TINY, "paradigm=mutual")
+    proc = kdrun(*tiny_args, "paradigm=mutual")
     assert proc.returncode == 2 and "unknown paradigm 'mutual'" in proc.stderr

@@ -17,8 +17,6 @@ from kdrun.engine.trainer import Recipe, Stage, train
 from kdrun.errors import KdrunError
 from kdrun.models import create_model
 
-from conftest import run_kdrun
-
 SGD = {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
 KD = {"terms": {"ce": {"type": "ce", "weight": 0.1}, "kd": {"type": "kd", "weight": 0.9, "T": 4}}}
 
@@ -108,7 +106,7 @@ def test_cache_keys_change_only_for_other_numerics():
 
 
 @pytest.mark.slow
-def test_cli_rejects_fp16_on_cpu_and_unknown_precision(tmp_path):
+def test_cli_rejects_fp16_on_cpu_and_unknown_precision(tmp_path, run_kdrun):
     proc = run_kdrun(["dataset=synthetic", "device=cpu", "precision=fp16"], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("kdrun: error: precision=fp16 needs a CUDA GPU (device is cpu): "

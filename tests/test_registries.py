@@ -51,8 +51,8 @@ def test_every_registered_term_is_used_by_a_method_file():
 @pytest.mark.parametrize("method", group_options("distill"))
 def test_every_method_file_passes_the_term_check(method):
     cfg = compose_with(f"distill={method}")
-    check_terms(cfg.distill)  # every option of every term is an argument of its class
-    validate(cfg)             # and through validate(), now that kdrun.distill is loaded
+    validate(cfg)             # the checks before torch loads
+    check_terms(cfg.distill)  # and the one the pipeline runs: every option of every term is an argument of its class
 
 
 def test_term_families_are_views_of_the_registry():
@@ -155,6 +155,7 @@ def test_a_registered_term_and_one_method_file_are_all_a_new_loss_needs(toy_term
         "name: toy\nterms:\n  ce: {type: ce, weight: 1.0}\n  toy: {type: toy, weight: 0.5, scale: 3.0}\n")
     cfg = compose_with("distill=toy", "distill.terms.toy.scale=2.0", config_dir=tmp_path)
     validate(cfg)
+    check_terms(cfg.distill)
     loss = build_loss(OmegaConf.to_container(cfg.distill, resolve=True))
     assert set(loss.terms) == {"ce", "toy"} and loss.needs_teacher and loss.terms["toy"].scale == 2.0
     student, teacher = torch.zeros(2, 3), torch.ones(2, 3)
@@ -162,7 +163,7 @@ def test_a_registered_term_and_one_method_file_are_all_a_new_loss_needs(toy_term
     assert parts["toy"].item() == pytest.approx(2.0)
     assert total.item() == pytest.approx(parts["ce"].item() + 0.5 * 2.0)
     with pytest.raises(KdrunError) as raised:
-        validate(compose_with("distill=toy", "+distill.terms.toy.scael=2", config_dir=tmp_path))
+        check_terms(compose_with("distill=toy", "+distill.terms.toy.scael=2", config_dir=tmp_path).distill)
     assert "distill.terms.toy.scael" in str(raised.value) and "scale" in str(raised.value)
 
 
@@ -178,7 +179,7 @@ def test_a_registered_term_and_one_method_file_are_all_a_new_loss_needs(toy_term
 def test_bad_term_options_are_one_line_before_training(overrides, pieces):
     cfg = compose_with(*overrides)
     with pytest.raises(KdrunError) as raised:
-        validate(cfg)
+        check_terms(cfg.distill)  # what kdrun.run.pipeline runs before any stage
     message = str(raised.value)
     assert "\n" not in message
     for piece in pieces:

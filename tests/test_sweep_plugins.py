@@ -4,12 +4,13 @@ import os
 import pytest
 import yaml
 
-from conftest import TINY, read_metrics
-
 pytestmark = pytest.mark.slow
 
-# One epoch per stage, no baseline: what these tests check does not need them.
-FAST = [arg for arg in TINY if not arg.startswith("epochs=")] + ["epochs=1", "baseline=false"]
+
+@pytest.fixture(scope="module")
+def fast(tiny_args):
+    """One epoch per stage, no baseline: what these tests check does not need them."""
+    return [arg for arg in tiny_args if not arg.startswith("epochs=")] + ["epochs=1", "baseline=false"]
 
 
 def _jobs(sweep_dir):
@@ -20,10 +21,11 @@ def _log(job):
     return (job / "kdrun.log").read_text()
 
 
-def test_joblib_parallel_sweep_trains_the_teacher_once_keeps_going_and_reruns_only_what_failed(kdrun, tmp_path):
+def test_joblib_parallel_sweep_trains_the_teacher_once_keeps_going_and_reruns_only_what_failed(kdrun, tmp_path, fast,
+                                                                                              read_metrics):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     # Two parallel jobs; the second diverges (student lr 1e12: status `diverged`) while the first completes.
-    args = ["-m", *FAST, "student.lr=0.05,1e12", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    args = ["-m", *fast, "student.lr=0.05,1e12", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     first = kdrun(*args)
     assert first.returncode == 1, first.stderr
     sweep = next((tmp_path / "outputs" / "multirun").glob("*/*"))  # the default, timestamped directory
@@ -52,9 +54,9 @@ def test_joblib_parallel_sweep_trains_the_teacher_once_keeps_going_and_reruns_on
     assert second.stderr.strip().splitlines()[-1].startswith("kdrun: error: 1 sweep job(s) did not complete: 1_student.lr=")
 
 
-def test_submitit_local_sweep(kdrun, tmp_path):
+def test_submitit_local_sweep(kdrun, tmp_path, fast, read_metrics):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    proc = kdrun("-m", *FAST, "T=1,4", "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep", timeout=600)
+    proc = kdrun("-m", *fast, "T=1,4", "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep", timeout=600)
     assert proc.returncode == 0, proc.stderr
     jobs = _jobs(tmp_path / "sweep")
     # Named after the swept key although submitit runs each job in a process of its own.
@@ -66,9 +68,9 @@ def test_submitit_local_sweep(kdrun, tmp_path):
     assert list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))
 
 
-def test_optuna_search_maximises_the_students_best_top1_and_reruns_skip_its_trials(kdrun, tmp_path):
+def test_optuna_search_maximises_the_students_best_top1_and_reruns_skip_its_trials(kdrun, tmp_path, fast, read_metrics):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    args = ["-m", *FAST, "hparams_search=kd_optuna", "hydra.sweeper.n_trials=2"]
+    args = ["-m", *fast, "hparams_search=kd_optuna", "hydra.sweeper.n_trials=2"]
     proc = kdrun(*args)
     assert proc.returncode == 0, proc.stderr
     sweep = next((tmp_path / "outputs" / "multirun").glob("*/*"))
@@ -93,7 +95,7 @@ def test_optuna_search_maximises_the_students_best_top1_and_reruns_skip_its_tria
     assert yaml.safe_load((sweep / "optimization_results.yaml").read_text()) == result
 
 
-def test_optuna_study_goes_on_after_failed_trials(kdrun, tmp_path):
+def test_optuna_study_goes_on_after_failed_trials(kdrun, tmp_path, read_metrics):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     # alpha=1.5 is fixed (out of the search) and invalid: every trial fails, each one still runs.
     proc = kdrun("-m", "dataset=synthetic", "hparams_search=kd_optuna", "hydra.sweeper.n_trials=2", "alpha=1.5",

@@ -9,17 +9,15 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from conftest import TINY, read_metrics, run_kdrun
-
 pytestmark = pytest.mark.slow
 JOBS = {"0_T=1,alpha=0.5": (1.0, 0.5), "1_T=1,alpha=0.9": (1.0, 0.9), "2_T=4,alpha=0.5": (4.0, 0.5),
         "3_T=4,alpha=0.9": (4.0, 0.9)}
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, tiny_args, run_kdrun):
     cwd = tmp_path_factory.mktemp("sweep_report")
-    args = [arg for arg in TINY if not arg.startswith(("epochs=", "tb_figures="))] + ["epochs=2", "tb_figures=2"]
+    args = [arg for arg in tiny_args if not arg.startswith(("epochs=", "tb_figures="))] + ["epochs=2", "tb_figures=2"]
     proc = run_kdrun(["-m", *args, "T=1,4", "alpha=0.5,0.9", "hydra.sweep.dir=sweep"], cwd, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd / "sweep", proc
@@ -44,7 +42,7 @@ def test_the_multirun_callback_wrote_the_report_into_the_sweep_dir(sweep):
             assert image.format == "PNG" and image.size == (600, 400)
 
 
-def test_summary_csv_has_one_row_per_job_with_its_metrics(sweep):
+def test_summary_csv_has_one_row_per_job_with_its_metrics(sweep, read_metrics):
     sweep_dir, _ = sweep
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     assert [row["paths"] for row in rows] == list(JOBS)
@@ -61,7 +59,7 @@ def test_summary_csv_has_one_row_per_job_with_its_metrics(sweep):
         assert row["status"] == "completed" and row["runs"] == "1"
 
 
-def test_kdrun_report_prints_the_same_table(sweep):
+def test_kdrun_report_prints_the_same_table(sweep, read_metrics):
     sweep_dir, _ = sweep
     proc = subprocess.run([sys.executable, "-m", "kdrun.sweeps.report", str(sweep_dir)], capture_output=True, text=True,
                           timeout=120)
@@ -78,7 +76,7 @@ def test_kdrun_report_prints_the_same_table(sweep):
         assert cells[-1] == "completed"
 
 
-def test_each_job_holds_its_hparams_and_final_metrics_and_no_extra_runs(sweep):
+def test_each_job_holds_its_hparams_and_final_metrics_and_no_extra_runs(sweep, read_metrics):
     sweep_dir, _ = sweep
     event_dirs = {path.parent for path in sweep_dir.rglob("events.out.tfevents.*")}
     assert event_dirs == {sweep_dir / job for job in JOBS}  # one TensorBoard run per job, nothing else

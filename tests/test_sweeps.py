@@ -9,7 +9,6 @@ import time
 import pytest
 import yaml
 
-from conftest import run_kdrun
 from kdrun.errors import KdrunError
 
 
@@ -190,35 +189,39 @@ def test_resume_finds_the_newest_sweep_with_the_same_overrides(tmp_path, monkeyp
 
 # --- presets compose ----------------------------------------------------------------------------------
 
-def _composed(tmp_path, *args, package):
-    proc = run_kdrun([*args, "--cfg", "hydra", "-p", package], tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return yaml.safe_load(proc.stdout.split("\n", 1)[1])  # past the "# @package" line
+@pytest.fixture
+def composed(run_kdrun, tmp_path):
+    """composed(*args, package=...): the `package` part of the config `kdrun ARGS --cfg hydra` composes."""
+    def compose_in_cli(*args, package):
+        proc = run_kdrun([*args, "--cfg", "hydra", "-p", package], tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return yaml.safe_load(proc.stdout.split("\n", 1)[1])  # past the "# @package" line
+    return compose_in_cli
 
 
-def test_slurm_preset_composes(tmp_path):
+def test_slurm_preset_composes(composed):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    launcher = _composed(tmp_path, "hydra/launcher=kdrun_slurm", "hydra.launcher.partition=gpu",
-                         "hydra.launcher.timeout_min=90", package="hydra.launcher")
+    launcher = composed("hydra/launcher=kdrun_slurm", "hydra.launcher.partition=gpu",
+                        "hydra.launcher.timeout_min=90", package="hydra.launcher")
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher["partition"], launcher["timeout_min"]) == ("gpu", 90)
     assert (launcher["gpus_per_node"], launcher["tasks_per_node"], launcher["nodes"]) == (1, 1, 1)
     assert launcher["cpus_per_task"] == 8 and launcher["mem_gb"] == 32 and launcher["max_num_timeout"] == 3
     # Unset, the partition is the cluster's default.
-    assert _composed(tmp_path, "hydra/launcher=kdrun_slurm", package="hydra.launcher")["partition"] is None
+    assert composed("hydra/launcher=kdrun_slurm", package="hydra.launcher")["partition"] is None
 
 
-def test_optuna_presets_compose(tmp_path):
+def test_optuna_presets_compose(composed, run_kdrun, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    sweeper = _composed(tmp_path, "hparams_search=kd_optuna", package="hydra.sweeper")
+    sweeper = composed("hparams_search=kd_optuna", package="hydra.sweeper")
     assert sweeper["_target_"] == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
     assert sweeper["direction"] == "maximize" and sweeper["max_failure_rate"] == 1.0
     assert sweeper["params"] == {"T": "tag(log, interval(1.0, 10.0))", "alpha": "interval(0.0, 1.0)"}
     assert sweeper["sampler"]["_target_"] == "optuna.samplers.TPESampler" and sweeper["sampler"]["seed"] == 0
-    dkd = _composed(tmp_path, "hparams_search=dkd_optuna", package="hydra.sweeper")
+    dkd = composed("hparams_search=dkd_optuna", package="hydra.sweeper")
     assert set(dkd["params"]) == {"T", "distill.terms.dkd.beta"}
     job = run_kdrun(["hparams_search=dkd_optuna", "--cfg", "job", "-p", "distill.name"], tmp_path, timeout=120)
     assert job.stdout.strip() == "dkd", job.stderr
     # Another sampler replaces the seeded TPE whole (the grid sampler takes no seed).
-    grid = _composed(tmp_path, "hparams_search=kd_optuna", "hydra/sweeper/sampler=grid", package="hydra.sweeper")
+    grid = composed("hparams_search=kd_optuna", "hydra/sweeper/sampler=grid", package="hydra.sweeper")
     assert grid["sampler"] == {"_target_": "optuna.samplers.GridSampler", "_partial_": True}

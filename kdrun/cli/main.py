@@ -121,7 +121,10 @@ def main() -> None:
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
         from kdrun.cli.help import help_text
 
-        print(help_text())
+        try:
+            print(help_text())
+        except BrokenPipeError:  # `kdrun --help | head`: the reader has what it wanted
+            sys.stderr.close()
         return
     try:
         sys.argv[1:] = worker_argv(preflight(sys.argv[1:]))  # torchrun: only rank 0 writes the run dir
