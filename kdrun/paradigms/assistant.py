@@ -11,9 +11,10 @@ import logging
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.models import check_model_name
 from kdrun.paradigms.registry import PARADIGMS
-from kdrun.paradigms.result import ParadigmResult, model_metrics, term_temperatures, predict_test_split, training_summary
+from kdrun.paradigms.result import (ParadigmResult, evaluated_baseline, evaluated_teacher, model_metrics,
+                                    predict_test_split, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext, derive, plain
-from kdrun.stages.roles import distill_student, obtain_baseline, obtain_teacher
+from kdrun.stages.roles import distill_student
 
 log = logging.getLogger("kdrun")
 
@@ -24,23 +25,14 @@ def run(ctx: RunContext) -> ParadigmResult:
     assistant_cfg = plain(cfg.assistant)
     check_model_name(assistant_cfg["name"], "assistant")
 
-    teacher = obtain_teacher(ctx)
-    teacher_logits, labels = predict_test_split(ctx, teacher.model)
-    teacher_metrics = model_metrics(ctx, teacher.model, cfg.teacher.name, teacher_logits, labels,
-                                    source=teacher.source, path=teacher.path)
-    log.info("teacher %s: test top-1 %.2f%%", cfg.teacher.name, 100 * teacher_metrics["top1"])
-
-    baseline = None
-    if cfg.baseline:
-        outcome = obtain_baseline(ctx)
-        logits, _ = predict_test_split(ctx, outcome.model)
-        baseline = model_metrics(ctx, outcome.model, cfg.student.name, logits, labels, source=outcome.source,
-                                 path=outcome.path)
+    teacher = evaluated_teacher(ctx)
+    teacher_logits, labels, teacher_metrics = teacher.logits, teacher.labels, teacher.metrics
+    baseline = evaluated_baseline(ctx)
 
     # The assistant takes the student's role (model and recipe) for its stage, in its own directory.
     assistant_ctx = derive(ctx, run_dir=ctx.run_dir / "assistant", student=assistant_cfg)
     log.info("assistant: %s distils from the teacher %s", assistant_cfg["name"], cfg.teacher.name)
-    assistant = distill_student(assistant_ctx, teacher.model, teacher_metrics["top1"])
+    assistant = distill_student(assistant_ctx, teacher.outcome.model, teacher_metrics["top1"])
     assistant_logits, _ = predict_test_split(ctx, assistant.model)
     assistant_metrics = model_metrics(ctx, assistant.model, assistant_cfg["name"], assistant_logits, labels,
                                       **fidelity_metrics(assistant_logits, teacher_logits, cfg.T),

@@ -14,10 +14,10 @@ import torch
 from kdrun.engine.group import ModelGroup, ensemble_logits
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
-from kdrun.paradigms.result import (ParadigmResult, combined_cost, log_test_scalars, model_metrics, term_temperatures,
-                                    predict_test_split, training_summary)
+from kdrun.paradigms.result import (ParadigmResult, combined_cost, evaluated_teacher, log_test_scalars, model_metrics,
+                                    predict_test_split, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext, derive, plain
-from kdrun.stages.roles import distill_student, obtain_teacher
+from kdrun.stages.roles import distill_student
 from kdrun.tensorboard.writer import open_writer
 
 log = logging.getLogger("kdrun")
@@ -49,14 +49,11 @@ def load_generation(ctx: RunContext, k: int, generations: int):
 def run(ctx: RunContext) -> ParadigmResult:
     cfg = ctx.cfg
     generations = int(cfg.paradigm.get("generations", 2))
-    teacher = obtain_teacher(ctx)
-    teacher_logits, labels = predict_test_split(ctx, teacher.model)
-    teacher_metrics = model_metrics(ctx, teacher.model, cfg.teacher.name, teacher_logits, labels, generation=0,
-                                    source=teacher.source, path=teacher.path)
-    log.info("self: generation 0 (teacher %s) test top-1 %.2f%%", cfg.teacher.name, 100 * teacher_metrics["top1"])
+    teacher = evaluated_teacher(ctx, generation=0)
+    teacher_logits, labels, teacher_metrics = teacher.logits, teacher.labels, teacher.metrics
 
     results, models, logits = [teacher_metrics], [], [teacher_logits]
-    previous = teacher.model
+    previous = teacher.outcome.model
     for k in range(1, generations + 1):
         gen_ctx = generation_context(ctx, k, generations)
         if k > 1:

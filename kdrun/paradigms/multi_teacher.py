@@ -16,10 +16,10 @@ from kdrun.engine.forward import StepForward
 from kdrun.engine.group import ModelGroup
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
-from kdrun.paradigms.result import (ParadigmResult, combined_cost, model_metrics, term_temperatures, predict_test_split,
-                                    training_summary)
+from kdrun.paradigms.result import (ParadigmResult, combined_cost, evaluated_baseline, model_metrics,
+                                    predict_test_split, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext, derive, model_config
-from kdrun.stages.roles import Role, obtain_baseline, obtain_teacher, train_role
+from kdrun.stages.roles import Role, obtain_teacher, train_role
 
 log = logging.getLogger("kdrun")
 
@@ -60,12 +60,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     teacher_metrics = model_metrics(ctx, group, combined_name, combined, labels, cost=combined_cost(teacher_results),
                                     weighting=weighting, weights=weights)
 
-    baseline = None
-    if cfg.baseline:
-        outcome = obtain_baseline(ctx)
-        logits, _ = predict_test_split(ctx, outcome.model)
-        baseline = model_metrics(ctx, outcome.model, cfg.student.name, logits, labels, source=outcome.source,
-                                 path=outcome.path)
+    baseline = evaluated_baseline(ctx)
 
     student = ctx.build_model("student").to(ctx.device)
     loss = multi_teacher_loss(cfg.alpha, cfg.T, weighting, weights)

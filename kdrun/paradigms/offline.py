@@ -6,10 +6,10 @@ import logging
 
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
-from kdrun.paradigms.result import (ParadigmResult, model_metrics, term_temperatures, predict_test_split,
-                                    training_summary)
+from kdrun.paradigms.result import (ParadigmResult, evaluated_baseline, evaluated_teacher, model_metrics,
+                                    predict_test_split, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext
-from kdrun.stages.roles import distill_student, obtain_baseline, obtain_teacher
+from kdrun.stages.roles import distill_student
 
 log = logging.getLogger("kdrun")
 
@@ -17,21 +17,10 @@ log = logging.getLogger("kdrun")
 @PARADIGMS.register("offline")
 def run(ctx: RunContext) -> ParadigmResult:
     cfg = ctx.cfg
-    teacher = obtain_teacher(ctx)
-    teacher_logits, labels = predict_test_split(ctx, teacher.model)
-    teacher_metrics = model_metrics(ctx, teacher.model, cfg.teacher.name, teacher_logits, labels,
-                                    source=teacher.source, path=teacher.path)
-    log.info("teacher %s: test top-1 %.2f%%", cfg.teacher.name, 100 * teacher_metrics["top1"])
-
-    baseline_metrics = None
-    if cfg.baseline:
-        baseline = obtain_baseline(ctx)
-        logits, _ = predict_test_split(ctx, baseline.model)
-        baseline_metrics = model_metrics(ctx, baseline.model, cfg.student.name, logits, labels,
-                                         source=baseline.source, path=baseline.path)
-        log.info("baseline %s: test top-1 %.2f%%", cfg.student.name, 100 * baseline_metrics["top1"])
-
-    student = distill_student(ctx, teacher.model, teacher_metrics["top1"])
+    teacher = evaluated_teacher(ctx)
+    teacher_logits, labels, teacher_metrics = teacher.logits, teacher.labels, teacher.metrics
+    baseline_metrics = evaluated_baseline(ctx)
+    student = distill_student(ctx, teacher.outcome.model, teacher_metrics["top1"])
     student_logits, _ = predict_test_split(ctx, student.model)
     student_metrics = model_metrics(ctx, student.model, cfg.student.name, student_logits, labels,
                                     **fidelity_metrics(student_logits, teacher_logits, cfg.T),

@@ -7,6 +7,7 @@ summary and the printed table: no paradigm repeats that.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -18,6 +19,9 @@ from kdrun.engine.trainer import StageResult
 from kdrun.evaluation.cost import count_parameters, model_cost
 from kdrun.evaluation.metrics import classification_metrics
 from kdrun.stages.context import RunContext
+from kdrun.stages.roles import StageOutcome, obtain_baseline, obtain_teacher
+
+log = logging.getLogger("kdrun")
 
 
 @dataclass
@@ -44,6 +48,38 @@ def model_metrics(ctx: RunContext, model: nn.Module, name: str, logits: torch.Te
     metrics.update(name=name, **extra)
     metrics.update(cost if cost is not None else measured_cost(ctx, model, name))
     return metrics
+
+
+@dataclass
+class Evaluated:
+    """A model of the run, its test-split logits and its metrics."""
+    outcome: StageOutcome
+    logits: torch.Tensor
+    labels: torch.Tensor
+    metrics: dict
+
+
+def evaluate(ctx: RunContext, outcome: StageOutcome, name: str, **extra) -> Evaluated:
+    logits, labels = predict_test_split(ctx, outcome.model)
+    return Evaluated(outcome, logits, labels, model_metrics(ctx, outcome.model, name, logits, labels, **extra))
+
+
+def evaluated_teacher(ctx: RunContext, **extra) -> Evaluated:
+    """The run's teacher (checkpoint, stage cache or training), evaluated, with where it came from."""
+    outcome = obtain_teacher(ctx)
+    teacher = evaluate(ctx, outcome, ctx.cfg.teacher.name, **extra, source=outcome.source, path=outcome.path)
+    log.info("teacher %s: test top-1 %.2f%%", ctx.cfg.teacher.name, 100 * teacher.metrics["top1"])
+    return teacher
+
+
+def evaluated_baseline(ctx: RunContext) -> Optional[dict]:
+    """The baseline student's metrics (stage cache or training), or None with baseline=false."""
+    if not ctx.cfg.baseline:
+        return None
+    outcome = obtain_baseline(ctx)
+    baseline = evaluate(ctx, outcome, ctx.cfg.student.name, source=outcome.source, path=outcome.path).metrics
+    log.info("baseline %s: test top-1 %.2f%%", ctx.cfg.student.name, 100 * baseline["top1"])
+    return baseline
 
 
 _measured: dict[tuple, dict] = {}
