@@ -60,8 +60,8 @@ def test_run_writes_every_output(first_run, tiny_args, read_metrics):
                f"train top-1 {100 * record['train_top1']:.2f}%, val top-1 {100 * record['val_top1']:.2f}%" in log
 
     # checkpoints/: the student after its last epoch, and at its best one (without optimizer state).
-    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     for saved in (last, best):
         assert saved["format"] == "kdrun-checkpoint" and saved["stage"] == "student"
         assert (saved["model_name"], saved["num_classes"], saved["in_chans"], saved["dataset"]) == (
@@ -122,7 +122,7 @@ def test_metrics_json_has_documented_values(first_run, read_metrics):
 
 def test_checkpoints_hold_the_student(first_run):
     _, run_dir, _ = first_run
-    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert last["format"] == "kdrun-checkpoint" and last["model_name"] == "cifar:resnet8"
     assert last["epoch"] == 4 and last["num_classes"] == 10
 

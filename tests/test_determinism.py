@@ -32,8 +32,8 @@ def test_two_identical_runs_write_identical_metrics(two_runs, read_metrics, with
 def test_torn_last_checkpoint_and_cache_entry_resume_to_the_same_result(two_runs, args, run_kdrun, read_metrics,
                                                                        without_timings):
     """Tear the second run's last.pt and its cached teacher, rerun into the same directory: the student
-    resumes from last.prev.pt (one epoch back), the teacher is rebuilt from its entry's progress, and
-    the result equals the untouched first run's."""
+    resumes from last.prev.pt (one epoch back), the teacher is rebuilt (a finished entry keeps no resume
+    state), and the result equals the untouched first run's."""
     first_cwd, cwd = two_runs
     run = cwd / "run"
     last = run / "checkpoints" / "last.pt"
@@ -47,9 +47,10 @@ def test_torn_last_checkpoint_and_cache_entry_resume_to_the_same_result(two_runs
     assert proc.returncode == 0, proc.stderr
     assert f"student: {last} is unreadable (" in proc.stderr
     assert f"student: resuming from {last.with_name('last.prev.pt')} (epoch 2/3 done)" in proc.stderr
-    assert "teacher cache: " in proc.stderr and "is not a whole checkpoint" in proc.stderr
-    assert "teacher: resuming from " in proc.stderr and "(epoch 2/2 done)" in proc.stderr
+    assert "teacher cache: " in proc.stderr and "(model.pt does not match its recorded sha256)" in proc.stderr
+    assert "teacher: training cifar:resnet14 for 2 epochs" in proc.stderr
     assert (last.parent / "last.pt.corrupt").is_file() and teacher_model.is_file()
+    assert (teacher_model.parent.with_name(teacher_model.parent.name + ".corrupt") / "model.pt").is_file()
 
     expected, resumed = read_metrics(first_cwd / "run"), read_metrics(run)
     assert resumed["status"] == "completed"

@@ -181,9 +181,9 @@ def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, mo
                                          "paradigm.ensemble=true", "baseline=false"), run_dir)
     assert [d for d, _, _ in seen] == [run_dir / "gen1", run_dir]
     assert {name for *_, name in seen} == {"cifar:resnet14"}  # the student has the teacher's architecture
-    cached_teacher = torch.load(metrics["teacher"]["path"], weights_only=False)["model"]
+    cached_teacher = torch.load(metrics["teacher"]["path"], weights_only=True)["model"]
     assert all(torch.equal(v, cached_teacher[k]) for k, v in seen[0][1].items())
-    saved_gen1 = torch.load(run_dir / "gen1" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    saved_gen1 = torch.load(run_dir / "gen1" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(v, saved_gen1[name]) for name, v in seen[1][1].items()), "gen 2's teacher is gen 1"
     assert not all(torch.equal(v, seen[0][1][k]) for k, v in seen[1][1].items())  # and not the teacher
 
@@ -201,7 +201,7 @@ def test_each_generation_distils_from_the_saved_previous_generation(tmp_path, mo
     probabilities = []
     for checkpoint in (run_dir / "gen1" / "checkpoints" / "last.pt", run_dir / "checkpoints" / "last.pt"):
         model = create_model("cifar:resnet14", data.num_classes, data.in_chans)
-        model.load_state_dict(torch.load(checkpoint, weights_only=False)["model"])
+        model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
         predict_test_split, test_labels = predict(model.eval(), data.test, 32, torch.device("cpu"))
         probabilities.append(F.softmax(predict_test_split, dim=1))
     mean_prediction = (probabilities[0] + probabilities[1]) / 2

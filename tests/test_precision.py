@@ -83,7 +83,7 @@ def test_fp16_grad_scaler_steps_and_its_state_resumes(tmp_path):
     speed = Speed("fp16", device_type="cpu")
     history, student, _ = distill(tmp_path, speed, train_size=64)
     assert math.isfinite(history[0]["loss"])
-    saved = torch.load(tmp_path / "last.pt", weights_only=False)["scaler"]
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["scaler"]
     assert saved["scale"] > 0 and saved == speed.state_dict()
     resumed = Speed("fp16", device_type="cpu")
     resumed.load_state_dict(saved)

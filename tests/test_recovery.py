@@ -30,8 +30,8 @@ def _truncate(path, keep=0.5):
 def test_each_save_keeps_the_one_before(tmp_path):
     for epoch in (1, 2, 3):
         save_last(_state(epoch), tmp_path)
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 3
-    assert torch.load(tmp_path / "last.prev.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 3
+    assert torch.load(tmp_path / "last.prev.pt", weights_only=True)["epoch"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.prev.pt", "last.pt"]  # no temporaries left
     state, path = load_last(tmp_path, "student", META)
     assert state["epoch"] == 3 and path == tmp_path / "last.pt"
@@ -49,7 +49,7 @@ def test_torn_last_falls_back_to_the_previous_one(tmp_path, caplog):
     # Moved aside: the next save must not rotate the broken file over the good one.
     assert (tmp_path / "last.pt.corrupt").is_file() and not (tmp_path / "last.pt").exists()
     save_last(_state(2), tmp_path)
-    assert torch.load(tmp_path / "last.prev.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "last.prev.pt", weights_only=True)["epoch"] == 1
 
 
 def test_no_readable_checkpoint_is_a_one_line_error(tmp_path):
@@ -88,15 +88,16 @@ def test_temporaries_of_dead_writers_are_removed(tmp_path):
 def test_cache_entry_is_complete_only_with_a_whole_model_file(tmp_path):
     entry = CacheEntry(tmp_path, "teacher", "abc")
     assert not entry.complete()
-    entry.write_spec({"stage": "teacher"})
-    save_last(_state(1), entry.directory)  # an unfinished build: progress, no model.pt
-    assert not entry.complete()
-    torch.save({"model": {"w": torch.zeros(100)}}, entry.model_path)
+    entry.start_build({"stage": "teacher"})
+    save_last(_state(1), entry.build_directory)  # an unfinished build: progress, no entry yet
+    assert not entry.complete() and not entry.directory.exists()
+    torch.save({"model": {"w": torch.zeros(100)}}, entry.build_directory / "model.pt")
+    entry.finish_build({"stage": "teacher"}, keep_best=False)
     assert entry.complete()
     _truncate(entry.model_path, keep=0.9)
-    assert not entry.complete()  # rebuilt by the caller, resuming from last.pt
-    assert (entry.directory / "model.pt.corrupt").is_file() and not entry.model_path.exists()
-    assert not list(entry.directory.glob(".*tmp*"))
+    assert not entry.complete()  # rebuilt by the caller
+    assert (tmp_path / "teacher" / "abc.corrupt" / "model.pt").is_file() and not entry.directory.exists()
+    assert not list((tmp_path / "teacher").glob("**/.*tmp*"))
 
 
 HOLD_LOCK = """

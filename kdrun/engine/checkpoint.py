@@ -1,16 +1,27 @@
-"""Checkpoints: written atomically, read back with one-line errors for every way they can be wrong."""
+"""Checkpoints: written atomically, read back with one-line errors for every way they can be wrong.
+
+Every file kdrun writes holds tensors and plain Python values only (training state included: RNG
+states are stored as tensors and numbers), so each one loads under torch.load(weights_only=True),
+the only way kdrun reads a checkpoint.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from kdrun.errors import KdrunError
 
 FORMAT = "kdrun-checkpoint"
+
+# Checkpoints of earlier kdrun versions hold numpy's RNG state as an array (uint32): allowing the
+# array's reconstruction by name keeps them loadable without unpickling arbitrary objects.
+_EARLIER_NUMPY_GLOBALS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def save_atomic(obj: Any, path: Path, keep_previous: Optional[Path] = None) -> None:
@@ -28,6 +39,13 @@ def save_atomic(obj: Any, path: Path, keep_previous: Optional[Path] = None) -> N
     os.replace(tmp, path)
 
 
+def copy_atomic(source: Path, path: Path) -> None:
+    """A copy that appears whole or not at all, like every file save_atomic writes."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
 def model_checkpoint(model: nn.Module, meta: Mapping[str, Any], stage: str, **extra: Any) -> dict:
     """The one checkpoint layout kdrun writes: format tag, the model's metadata (model_name, num_classes,
     in_chans, dataset), the stage that wrote it, the weights, and whatever else the writer keeps
@@ -37,6 +55,12 @@ def model_checkpoint(model: nn.Module, meta: Mapping[str, Any], stage: str, **ex
 
 def save_model(path: Path, model: nn.Module, meta: Mapping[str, Any], stage: str, **extra: Any) -> None:
     save_atomic(model_checkpoint(model, meta, stage, **extra), path)
+
+
+def load_file(path: str | Path) -> Any:
+    """torch.load limited to tensors and plain values (weights_only=True), onto the CPU; raises as torch.load does."""
+    with torch.serialization.safe_globals(_EARLIER_NUMPY_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def is_kdrun_checkpoint(obj: Any) -> bool:
@@ -52,7 +76,7 @@ def read_checkpoint(path: str | Path, option: str) -> Any:
     if path.is_dir():
         raise KdrunError(f"{option}={path} is a directory; pass a checkpoint file such as {path}/best.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(path)
     except Exception as error:  # unpicklers fail on garbage in many ways (IndexError, KeyError, ...)
         raise KdrunError(f"{option}={path} is not a readable checkpoint ({type(error).__name__}); "
                          "pass a file written by torch.save (a kdrun checkpoint or a state dict)") from error
@@ -90,6 +114,9 @@ def load_model_weights(model: nn.Module, path: str | Path, option: str, model_na
         raise KdrunError(f"{option}={path} was trained on {meta['in_chans']}-channel images but the dataset has "
                          f"{channels} channels; use a checkpoint trained on this dataset or pick the matching dataset")
     saved_name = meta.get("model_name")
+    if str(saved_name).startswith("peers:"):
+        raise KdrunError(f"{option}={path} holds all the peers of an online run; pass one peer's own checkpoint, "
+                         f"e.g. {Path(path).parent}/peer0.pt")
     if saved_name and saved_name != model_name:
         role = option.split(".")[0]
         raise KdrunError(f"{option}={path} holds a '{saved_name}' but {role}.name is '{model_name}'; "

@@ -15,10 +15,9 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from kdrun.errors import one_line
-from kdrun.engine.checkpoint import FORMAT, save_atomic
+from kdrun.engine.checkpoint import FORMAT, load_file, save_atomic
 from kdrun.errors import KdrunError
 from kdrun.run_files import LAST_CHECKPOINT as LAST, PREVIOUS_CHECKPOINT as PREVIOUS
 
@@ -69,7 +68,7 @@ def restore(state: dict, path: Path, stage: str, *parts_and_states: tuple[Any, s
 
 def _read(path: Path) -> tuple[Optional[str], Any]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_file(path)
     except MemoryError:
         raise
     except Exception as error:  # a torn zip, garbage bytes: unpicklers fail in many ways

@@ -6,6 +6,8 @@ training step reads the rows of its sample indices instead of running the teache
 the teacher's weights, the dataset config and its training transform, the feature taps and the
 precision, so any change computes a new entry. An entry is written into a hidden temporary folder
 and renamed into place whole (under the stage cache's file lock), so no reader ever sees half of one.
+The manifest records each array's sha256, checked on every reuse (about a second per GB): an entry that
+does not match is moved aside to <key>.corrupt with one warning and computed again.
 
 Valid only when the training images are the same every epoch: a dataset with random augmentation
 is refused with a one-line error (augmentation is not replayed from stored parameters).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -28,11 +31,13 @@ from torch.utils.data import Dataset
 
 from kdrun.data import InMemoryDataset
 from kdrun.engine import distributed
-from kdrun.engine.cache import CacheEntry, stage_key
+from kdrun.engine.cache import CHECKSUMS, CacheEntry, checksums, move_aside, stage_key, verify_checksums
 from kdrun.engine.forward import FeaturePairing
 from kdrun.engine.loaders import Batches
 from kdrun.engine.speed import Speed
 from kdrun.errors import KdrunError
+
+log = logging.getLogger("kdrun")
 
 CACHE_STAGE = "teacher_outputs"
 MANIFEST = "manifest.json"
@@ -116,7 +121,7 @@ def load_or_build(cache_root: Path, spec: dict, teacher: nn.Module, pairing: Opt
     """The cache entry for `spec`, computed first if no earlier run did (rank 0 computes, others wait)."""
     entry = CacheEntry(Path(cache_root), CACHE_STAGE, stage_key(spec))
     with distributed.rank_zero_lock(entry.lock):  # parallel sweep jobs: one computes, the others wait and reuse
-        reused = distributed.from_rank_zero(_complete(entry.directory))
+        reused = distributed.from_rank_zero(_complete(entry.directory) if distributed.is_main() else None)
         if not reused and distributed.is_main():
             _build(entry, spec, teacher, pairing, train_set, batch_size, device, speed, max_mb)
         distributed.barrier()
@@ -124,7 +129,21 @@ def load_or_build(cache_root: Path, spec: dict, teacher: nn.Module, pairing: Opt
 
 
 def _complete(directory: Path) -> bool:
-    return (directory / MANIFEST).is_file()
+    """Whether the entry is here and each array matches the sha256 in its manifest. One that does not is moved
+    aside to <key>.corrupt with a warning, and the caller computes it again."""
+    if not directory.exists():
+        return False
+    try:
+        recorded = json.loads((directory / MANIFEST).read_text()).get(CHECKSUMS)
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    problem = verify_checksums(directory, recorded)
+    if problem is None:
+        return True
+    corrupt = move_aside(directory)
+    log.warning("teacher outputs: %s failed verification (%s); moved it to %s and computing them again",
+                directory, problem, corrupt.name)
+    return False
 
 
 def _build(entry: CacheEntry, spec: dict, teacher: nn.Module, pairing: Optional[FeaturePairing],
@@ -150,6 +169,7 @@ def _build(entry: CacheEntry, spec: dict, teacher: nn.Module, pairing: Optional[
         manifest = {"spec": spec, "arrays": {name: list(a.shape) for name, a in arrays.items()},
                     "dtype": np.dtype(STORED_DTYPE).name}
         del arrays
+        manifest[CHECKSUMS] = checksums(tmp, [f"{name}.npy" for name in manifest["arrays"]])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         os.replace(tmp, entry.directory)  # the whole entry appears at once
     finally:

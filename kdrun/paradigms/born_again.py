@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
+from kdrun.engine.checkpoint import load_model_weights
 from kdrun.engine.group import ModelGroup, ensemble_logits
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
@@ -35,13 +34,11 @@ def generation_context(ctx: RunContext, k: int, generations: int) -> RunContext:
 
 
 def load_generation(ctx: RunContext, k: int, generations: int):
-    """Generation k's final weights, read from its checkpoints/last.pt."""
+    """Generation k's final weights, read from its checkpoints/last.pt as any checkpoint is (weights only)."""
     gen_ctx = generation_context(ctx, k, generations)
     model = gen_ctx.build_model("student")
-    # This run wrote the file, with its training state (RNG states included, which a weights-only load
-    # refuses), so it is read in full.
-    state = torch.load(gen_ctx.run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    load_model_weights(model, gen_ctx.run_dir / "checkpoints" / "last.pt", f"generation {k}",
+                       gen_ctx.cfg.student.name, ctx.data.num_classes)
     return model.to(ctx.device)
 
 

@@ -14,6 +14,7 @@ from kdrun.engine.checkpoint import save_model
 from kdrun.engine.evaluate import predict
 from kdrun.engine.forward import StepForward
 from kdrun.engine.group import ModelGroup, ensemble_logits
+from kdrun.errors import KdrunError
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
 from kdrun.paradigms.result import (ParadigmResult, combined_cost, log_test_scalars, model_metrics, term_temperatures,
@@ -43,6 +44,10 @@ def build_peers(ctx: RunContext, configs: list[dict]) -> ModelGroup:
 @PARADIGMS.register("online")
 def run(ctx: RunContext) -> ParadigmResult:
     cfg, settings = ctx.cfg, ctx.cfg.paradigm
+    if cfg.student.get("checkpoint"):
+        # Copies of one start, on the same batches, with symmetric losses, would stay copies forever.
+        raise KdrunError(f"student.checkpoint={cfg.student.checkpoint} is not read by paradigm=online: its peers "
+                         "must start from different random weights; drop student.checkpoint")
     configs = peer_configs(ctx)
     names = [c["name"] for c in configs]
     cohort = build_peers(ctx, configs)

@@ -6,10 +6,9 @@ outputs too: metrics.json, checkpoints/{last,best}.pt and the training curves in
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from kdrun.engine.checkpoint import read_checkpoint, save_model
+from kdrun.engine.checkpoint import copy_atomic, read_checkpoint, save_model
 from kdrun.paradigms.registry import PARADIGMS
 from kdrun.paradigms.result import ParadigmResult, log_test_scalars, model_metrics, predict_test_split
 from kdrun.stages.context import RunContext
@@ -48,15 +47,17 @@ def stage_history(outcome: StageOutcome) -> list[dict]:
 
 
 def export(ctx: RunContext, outcome: StageOutcome, role: str, key: str, history: list[dict], metrics: dict) -> None:
-    """checkpoints/last.pt (the weights later runs use), best.pt (the best epoch's, where it was trained)
-    and TensorBoard curves in the run directory."""
+    """checkpoints/last.pt (the weights later runs use), best.pt and TensorBoard curves in the run directory.
+
+    best.pt is the best epoch's weights: the stage's best.pt where it holds one (the cache entry keeps a
+    best.pt only when the best epoch is not the last), else the final weights, which are then the best
+    (or, for a loaded checkpoint, the only ones there are).
+    """
     checkpoints = ctx.run_dir / "checkpoints"
     save_model(checkpoints / "last.pt", outcome.model, ctx.meta(role), key, history=history, source=outcome.source)
     best = Path(outcome.path).parent / "best.pt"
-    if outcome.source in ("trained", "cache") and best.is_file():
-        shutil.copyfile(best, checkpoints / "best.pt")
-    else:
-        shutil.copyfile(checkpoints / "last.pt", checkpoints / "best.pt")
+    kept_best = outcome.source in ("trained", "cache") and best.is_file()
+    copy_atomic(best if kept_best else checkpoints / "last.pt", checkpoints / "best.pt")
     writer = open_writer(ctx.run_dir)
     try:
         for record in history:

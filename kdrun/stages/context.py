@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,11 +19,14 @@ from torch import nn
 
 from kdrun.config.schema import ModelConfig, stage_epochs, stage_lr
 from kdrun.data import DataBundle
+from kdrun.engine.checkpoint import load_model_weights
 from kdrun.engine.speed import Speed
 from kdrun.engine.trainer import Recipe
 from kdrun.errors import KdrunError
 from kdrun.models import check_model_name, create_model
 from kdrun.paths import model_preset
+
+log = logging.getLogger("kdrun")
 
 
 def plain(node: Any) -> Any:
@@ -54,12 +58,20 @@ class RunContext:
                       optim=dict(plain(cfg.optim)), sched=dict(plain(cfg.sched)), seed=cfg.seed)
 
     def build_model(self, role: str) -> nn.Module:
+        """The model in `role`, with the weights of its `checkpoint` where one is given (teacher.checkpoint,
+        student.checkpoint: the baseline and the distilled student both start from it)."""
         model_cfg = self.cfg[role]
         # Seeding right before construction gives the baseline and the distilled student the same init.
         torch.manual_seed(self.cfg.seed)
-        return create_model(model_cfg.name, self.data.num_classes, self.data.in_chans,
-                            pretrained=model_cfg.pretrained, role=role, image_size=self.data.image_size,
-                            **plain(model_cfg.kwargs))
+        model = create_model(model_cfg.name, self.data.num_classes, self.data.in_chans,
+                             pretrained=model_cfg.pretrained, role=role, image_size=self.data.image_size,
+                             **plain(model_cfg.kwargs))
+        if model_cfg.get("checkpoint"):
+            load_model_weights(model, model_cfg.checkpoint, f"{role}.checkpoint", model_cfg.name,
+                               self.data.num_classes)
+            if role != "teacher":  # obtain_teacher says where the teacher came from
+                log.info("%s: %s starts from the weights in %s", role, model_cfg.name, model_cfg.checkpoint)
+        return model
 
     def meta(self, role: str) -> dict:
         """What every checkpoint of the model in `role` carries."""

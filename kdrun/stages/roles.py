@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from kdrun.data.strong_view import strong_view_for
 from kdrun.distill import DistillLoss, build_loss, hard_label_loss, needs_features
 from kdrun.engine import distributed
-from kdrun.engine.cache import CacheEntry, stage_key
+from kdrun.engine.cache import MODEL, CacheEntry, file_sha256, stage_key
 from kdrun.engine.checkpoint import load_model_weights, save_model
 from kdrun.engine.forward import FeaturePairing, StepForward
 from kdrun.engine.speed import numerics_key
@@ -61,18 +62,31 @@ def train_role(ctx: RunContext, role: Role) -> StageOutcome:
     entry = CacheEntry(ctx.cache_root, role.stage, stage_key(role.cache_spec))
     name = role.meta["model_name"]
     with distributed.rank_zero_lock(entry.lock):  # parallel sweep jobs wait here while one of them builds the stage
-        if distributed.from_rank_zero(entry.complete()):
+        if distributed.from_rank_zero(entry.complete() if distributed.is_main() else None):
             load_model_weights(model, entry.model_path, f"{role.stage} cache", name, ctx.data.num_classes)
             log.info("%s: reusing cached %s from %s", role.stage, name, entry.directory)
             return StageOutcome(model.to(ctx.device), "cache", str(entry.model_path))
         log.info("%s: training %s for %d epochs (cached in %s)", role.stage, name, role.recipe.epochs, entry.directory)
-        if distributed.is_main():
-            entry.write_spec(role.cache_spec)
-        result = _train(ctx, role, entry.directory, entry.directory / "tb")
-        if distributed.is_main():
-            save_model(entry.model_path, model, role.meta, role.stage, history=result.history, spec=role.cache_spec)
+        result = _build_entry(ctx, role, entry)
         distributed.barrier()  # the others go on once the stage is in the cache
         return StageOutcome(model, "trained", str(entry.model_path), result, role.loss)
+
+
+def _build_entry(ctx: RunContext, role: Role, entry: CacheEntry) -> StageResult:
+    """Train the role into the entry's build directory (resuming an interrupted build), then make it the entry."""
+    if distributed.is_main():
+        entry.start_build(role.cache_spec)
+    try:
+        result = _train(ctx, role, entry.build_directory, entry.build_directory / "tb")
+    except BaseException:
+        if distributed.is_main():
+            entry.abandon_build()  # kept only with an epoch to resume from
+        raise
+    if distributed.is_main():
+        save_model(entry.build_directory / MODEL, role.forward.student, role.meta, role.stage,
+                   history=result.history, spec=role.cache_spec)
+        entry.finish_build(role.cache_spec, keep_best=result.best_epoch != result.history[-1]["epoch"])
+    return result
 
 
 def _train(ctx: RunContext, role: Role, checkpoint_dir, log_dir) -> StageResult:
@@ -89,17 +103,18 @@ def _train(ctx: RunContext, role: Role, checkpoint_dir, log_dir) -> StageResult:
 def hard_label_role(ctx: RunContext, stage: str, role: str) -> Role:
     """The model in `role` trained on hard labels alone, through the stage cache."""
     model_cfg, recipe = ctx.cfg[role], ctx.recipe(role)
-    spec = {"stage": stage, "model": {"name": model_cfg.name, "pretrained": model_cfg.pretrained,
-                                      "kwargs": plain(model_cfg.kwargs)},
-            "dataset": plain(ctx.cfg.dataset), "recipe": vars(recipe), **numerics_key(ctx.speed)}
+    model_spec = {"name": model_cfg.name, "pretrained": model_cfg.pretrained, "kwargs": plain(model_cfg.kwargs)}
+    if model_cfg.get("checkpoint"):  # initial weights (student.checkpoint): keyed by content, not by path
+        model_spec["checkpoint_sha256"] = file_sha256(Path(model_cfg.checkpoint).expanduser())
+    spec = {"stage": stage, "model": model_spec, "dataset": plain(ctx.cfg.dataset), "recipe": vars(recipe),
+            **numerics_key(ctx.speed)}
     return Role(stage, StepForward(ctx.build_model(role)), hard_label_loss(), ctx.meta(role), recipe, cache_spec=spec)
 
 
 def obtain_teacher(ctx: RunContext) -> StageOutcome:
     checkpoint = ctx.cfg.teacher.checkpoint
     if checkpoint:
-        model = ctx.build_model("teacher")
-        load_model_weights(model, checkpoint, "teacher.checkpoint", ctx.cfg.teacher.name, ctx.data.num_classes)
+        model = ctx.build_model("teacher")  # with the checkpoint's weights
         log.info("teacher: loaded %s from %s", ctx.cfg.teacher.name, checkpoint)
         return StageOutcome(model.to(ctx.device), "checkpoint", str(checkpoint))
     return train_role(ctx, hard_label_role(ctx, "teacher", "teacher"))
