@@ -337,3 +337,23 @@ def test_every_checkpoint_kdrun_writes_loads_as_a_teacher_or_student(tmp_path):
         for option in ("teacher.checkpoint", "student.checkpoint"):
             load_model_weights(model, path, option, name, 10)
         assert same_weights(model.state_dict(), saved["model"]), path
+
+
+def test_a_runs_own_checkpoints_load_from_the_command_line(kdrun, tmp_path, tiny_args, read_metrics):
+    """The issue's case: teacher.checkpoint=RUN/checkpoints/last.pt of an ordinary run; and student.checkpoint
+    starting both the baseline and the distilled student (at a learning rate too small to move them)."""
+    args = [a for a in tiny_args if not a.startswith("epochs")] + ["epochs=1"]
+    first = kdrun(*args, "hydra.run.dir=first")
+    assert first.returncode == 0, first.stderr
+    saved = tmp_path / "first" / "checkpoints"
+    second = kdrun(*args, f"teacher.checkpoint={saved / 'last.pt'}", "teacher.name=cifar:resnet8",
+                   f"student.checkpoint={saved / 'best.pt'}", "student.lr=1e-12", "hydra.run.dir=second")
+    assert second.returncode == 0, second.stderr
+    metrics = read_metrics(tmp_path / "second")
+    assert metrics["teacher"]["source"] == "checkpoint" and metrics["baseline"]["source"] == "trained"
+    assert second.stderr.count(f"student: cifar:resnet8 starts from the weights in {saved / 'best.pt'}") == 2
+    start = torch.load(saved / "best.pt", weights_only=True)["model"]
+    for trained in (tmp_path / "second" / "checkpoints" / "last.pt", Path(metrics["baseline"]["path"])):
+        weights = torch.load(trained if trained.is_absolute() else tmp_path / trained, weights_only=True)["model"]
+        convolutions = [k for k, v in start.items() if v.dim() == 4]
+        assert all(torch.allclose(weights[k], start[k], atol=1e-6) for k in convolutions), trained

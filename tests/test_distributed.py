@@ -107,7 +107,7 @@ def test_torchrun_two_processes_gloo(tmp_path, tiny_args, read_metrics):
 
     torch.manual_seed(0)
     student = create_model("cifar:resnet8", 10, 3)
-    student.load_state_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"])
+    student.load_state_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"])
     test = build_dataset({"name": "synthetic", "image_size": 16, "train_size": 320, "test_size": 64}).test
     logits, labels = predict(student, test, 32, torch.device("cpu"))
     assert metrics["student"]["top1"] == (logits.argmax(1) == labels).float().mean().item()

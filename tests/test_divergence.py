@@ -90,7 +90,7 @@ def test_diverged_run_stops_keeps_its_last_good_checkpoint_and_says_where(kdrun,
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]
     for name in ("last.pt", "best.pt"):
-        saved = torch.load(checkpoints / name, weights_only=False)
+        saved = torch.load(checkpoints / name, weights_only=True)
         assert saved["epoch"] == 1, name
         assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point()), name
     assert where["last_good_checkpoint"] == str(checkpoints / "last.pt")

@@ -61,6 +61,8 @@ LIGHT = {
     "unknown flag": (["--epochs=3"], "unknown option '--epochs'"),
     "unwritable run directory": (["hydra.run.dir={inputs}/blocker/run"], "Not a directory"),
     "unwritable sweep directory": (["-m", "T=1,2", "hydra.sweep.dir={inputs}/blocker/sweep"], "Not a directory"),
+    # --- issue #19 points 1 and 6: checkpoints as teacher or student, the verified cache
+    "missing student checkpoint": (["student.checkpoint=nowhere/s.pt"], "student.checkpoint=nowhere/s.pt: no such file"),
 }
 
 HEAVY = {
@@ -105,6 +107,13 @@ HEAVY = {
                                           "+distill.teacher_layers=[stages.1]"],
                                          "distill.student_layers names 2 layers and distill.teacher_layers 1"),
     "unwritable cache": (["cache_dir={inputs}/blocker/cache"], "Not a directory"),
+    # --- issue #19 points 1 and 6: checkpoints as teacher or student, the verified cache
+    "student checkpoint of another architecture": ([*LOADED_TEACHER, "student.checkpoint={inputs}/teacher.pt"],
+                                                   "does not fit 'cifar:resnet8'"),
+    "online run's cohort as a teacher": (["teacher.checkpoint={inputs}/peers_last.pt", "teacher.name=cifar:resnet8",
+                                          "baseline=false"], "holds all the peers of an online run"),
+    "student checkpoint with online": (["paradigm=online", "student.checkpoint={inputs}/resnet8.pt"],
+                                       "is not read by paradigm=online"),
 }
 
 # Runs into a directory that already holds work: the error must leave it as it was (metrics.json aside).
@@ -166,6 +175,8 @@ def make_inputs(inputs: Path) -> None:
     torch.save(other, inputs / "other_model_run" / "checkpoints" / "last.pt")
     (inputs / "torn_run" / "checkpoints").mkdir(parents=True)
     (inputs / "torn_run" / "checkpoints" / "last.pt").write_bytes(whole[:1000])
+    peers = _kdrun_checkpoint(_model_state("cifar:resnet8"), name="peers:cifar:resnet8,cifar:resnet8")
+    torch.save(peers, inputs / "peers_last.pt")  # an online run's last.pt: all its peers
 
 
 def _arguments(args: list[str], inputs: Path, tiny: tuple[str, ...]) -> list[str]:
@@ -231,6 +242,7 @@ def assert_no_run_directory(cwd: Path) -> None:
     for runs in ("runs", "multirun"):
         left = list((cwd / "outputs" / runs).glob("*/*"))
         assert not left, f"a failed run left {left} behind"
+    assert_no_half_written_cache_entry(cwd)
 
 
 @pytest.mark.parametrize("name", LIGHT)
@@ -299,3 +311,17 @@ def test_plain_state_dict_teacher_is_loaded_not_trained(kdrun, tmp_path, tiny_ar
     assert "teacher: loaded cifar:resnet14" in proc.stderr and "teacher: training" not in proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["teacher"]["source"] == "checkpoint" and metrics["baseline"] is None
+
+
+# --- issue #19 points 1 and 6: checkpoints as teacher or student, the verified cache
+
+def assert_no_half_written_cache_entry(cwd: Path) -> None:
+    """Every cache entry has its model (or, for teacher outputs, its manifest); an unfinished stage build
+    (<key>.partial) is kept only with an epoch to resume from."""
+    for folder in (cwd / "outputs" / "cache").glob("*/*"):
+        if not folder.is_dir():
+            continue  # <key>.lock
+        if folder.name.endswith(".partial"):
+            assert (folder / "last.pt").is_file(), f"a failed build left {folder} with nothing to resume"
+        else:
+            assert {p.name for p in folder.iterdir()} & {"model.pt", "manifest.json"}, f"{folder} has no model"
