@@ -26,6 +26,7 @@ from kdrun.engine.speed import build_speed
 from kdrun.errors import KdrunError
 from kdrun.models import check_model_name
 from kdrun.paradigms import PARADIGMS
+from kdrun.run.preflight import preflight
 from kdrun.run.results import run_metrics, write_results
 from kdrun.stages.context import RunContext
 
@@ -66,7 +67,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
 
 
 def build_context(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]] = None) -> RunContext:
-    """Device, speed switches, dataset and the checks that need them, before any stage trains."""
+    """Device, speed switches, dataset and the checks that need them (kdrun.run.preflight), before any stage trains."""
     seed_everything(cfg.seed)
     check_terms(cfg.distill)  # each term's type and options against its registered class
     check_model_name(cfg.teacher.name, "teacher")
@@ -86,5 +87,7 @@ def build_context(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]]
     log.info("dataset %s; device %s; kdrun %s", describe(data), device, __version__)
     for note in unread_settings(cfg):
         log.warning(note)
-    return RunContext(cfg, data, device, run_dir, show_progress(cfg.progress) and distributed.is_main(), speed,
-                      list(overrides or []))
+    ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress) and distributed.is_main(), speed,
+                     list(overrides or []))
+    preflight(ctx, paradigm_name(cfg))  # every model of the run takes one training step: fail now, not after a stage
+    return ctx
