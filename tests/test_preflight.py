@@ -186,3 +186,14 @@ def test_metrics_are_the_same_with_and_without_the_preflight(cfg_of, tmp_path, m
     without = run()
     assert without_timings(with_preflight) == without_timings(without)
     assert with_preflight["history"][0]["loss"] != with_preflight["history"][-1]["loss"]  # it trained
+
+
+def test_a_gpu_index_that_is_not_there_is_one_line(monkeypatch):
+    from kdrun.run.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(KdrunError, match=r"device=cuda:2 but 2 CUDA GPU\(s\) are visible: use device=cuda:0 to "
+                                         r"cuda:1 or device=auto"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)

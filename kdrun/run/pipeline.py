@@ -42,6 +42,10 @@ def resolve_device(name: str) -> torch.device:
         raise KdrunError(f"device={name} is not a device: use auto, cpu, cuda, cuda:N or mps") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KdrunError(f"device={name} but no CUDA GPU is visible: use device=cpu or device=auto")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        choices = "device=cuda:0" if count == 1 else f"device=cuda:0 to cuda:{count - 1}"
+        raise KdrunError(f"device={name} but {count} CUDA GPU(s) are visible: use {choices} or device=auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise KdrunError(f"device={name} but MPS is not available here: use device=cpu or device=auto")
     return device

@@ -17,10 +17,11 @@ Every failure is one line naming the model or the value and exit 2 (kdrun.cli).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -54,12 +55,22 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class Step:
-    """One stage's training step, built when the preflight reaches it (one stage's models alive at a time)."""
+    """One stage's training step, built when the preflight reaches it."""
     label: str                      # names the model in messages: "student cifar:vgg8 (baseline)"
     role: str                       # the config key that chose the model, for hints: student, teacher, paradigm.peers
     build: Callable[[], tuple[StepForward, DistillLoss]]
     recipe: Optional[Recipe]        # None: the model only runs frozen (a teacher loaded from its checkpoint)
     method: bool = False            # trains with the run's distill method (its terms' options may be at fault)
+    built: Optional[tuple[StepForward, DistillLoss]] = field(default=None, repr=False)
+
+    def parts(self) -> tuple[StepForward, DistillLoss]:
+        if self.built is None:
+            self.built = self.build()
+        return self.built
+
+    def model(self) -> nn.Module:
+        """The model this step trained, as a later step's teacher (built once: a teacher is often the largest)."""
+        return self.parts()[0].student
 
 
 def preflight(ctx: RunContext, paradigm: str) -> float:
@@ -68,17 +79,13 @@ def preflight(ctx: RunContext, paradigm: str) -> float:
     check_classes(ctx.data)
     check_batch_fits(ctx.cfg.batch_size, ctx.data.train)
     smallest = smallest_batch(ctx)
-    speed = Speed(ctx.speed.precision, ctx.speed.channels_last, False, ctx.speed.device_type)
-    steps = 0
+    speed = Speed(ctx.speed.precision, ctx.speed.channels_last, False, ctx.speed.device_type)  # its own GradScaler
     with kept_random_state(ctx.device):
         batch = first_batch(ctx.data, min(2, smallest), ctx.device)
-        steps_per_epoch = len(Batches(ctx.data.train, ctx.cfg.batch_size, ctx.device, shuffle=True,
-                                      shard=distributed.shard()))
-        for step in STEPS.get(paradigm, student_only)(ctx):
-            take_step(ctx, step, batch, smallest, speed, steps_per_epoch)
-            steps += 1
-    if ctx.device.type == "cuda":
-        torch.cuda.empty_cache()  # the stages' models get the memory the preflight's held
+        steps = take_steps(ctx, STEPS.get(paradigm, student_only)(ctx), batch, speed)
+    if ctx.device.type == "cuda":  # the preflight's models are gone: the stages get their memory
+        gc.collect()
+        torch.cuda.empty_cache()
     seconds = time.perf_counter() - started
     log.info("preflight: %d stage(s) took a training step on %d %s image(s) (%.2f s)", steps, len(batch[0]),
              "x".join(map(str, batch[0].shape[1:])), seconds)
@@ -125,10 +132,11 @@ def distill_step(ctx: RunContext, label: str, teacher: Callable[[], nn.Module], 
 
 
 def offline_steps(ctx: RunContext) -> Iterator[Step]:
-    yield teacher_step(ctx)
+    teacher = teacher_step(ctx)
+    yield teacher
     if ctx.cfg.baseline:
         yield baseline_step(ctx)
-    yield distill_step(ctx, f"student {ctx.cfg.student.name}", lambda: teacher_model(ctx))
+    yield distill_step(ctx, f"student {ctx.cfg.student.name}", teacher.model)
 
 
 def online_steps(ctx: RunContext) -> Iterator[Step]:
@@ -146,15 +154,15 @@ def online_steps(ctx: RunContext) -> Iterator[Step]:
 
 def multi_teacher_steps(ctx: RunContext) -> Iterator[Step]:
     configs = teacher_configs(ctx)
-    for config in configs:
-        yield teacher_step(derive(ctx, teacher=config))
+    teachers = [teacher_step(derive(ctx, teacher=config)) for config in configs]
+    yield from teachers
     if ctx.cfg.baseline:
         yield baseline_step(ctx)
     settings = ctx.cfg.paradigm
     weights = list(settings.weights) if settings.get("weights") is not None else None
 
     def build():
-        group = ModelGroup([teacher_model(derive(ctx, teacher=c)) for c in configs])
+        group = ModelGroup([teacher.model() for teacher in teachers])
         group.to(ctx.device).eval().requires_grad_(False)
         loss = multi_teacher_loss(ctx.cfg.alpha, ctx.cfg.T, settings.get("weighting", "mean"), weights)
         return StepForward(ctx.build_model("student"), group), loss
@@ -163,21 +171,23 @@ def multi_teacher_steps(ctx: RunContext) -> Iterator[Step]:
 
 def assistant_steps(ctx: RunContext) -> Iterator[Step]:
     assistant = plain(ctx.cfg.assistant)
-    as_student = derive(ctx, student=assistant)
-    yield teacher_step(ctx)
+    teacher = teacher_step(ctx)
+    yield teacher
     if ctx.cfg.baseline:
         yield baseline_step(ctx)
-    yield distill_step(as_student, f"assistant {assistant['name']}", lambda: teacher_model(ctx), "assistant")
+    middle = distill_step(derive(ctx, student=assistant), f"assistant {assistant['name']}", teacher.model, "assistant")
+    yield middle
     yield distill_step(derive(ctx, teacher=assistant), f"student {ctx.cfg.student.name} (from the assistant)",
-                       lambda: as_student.build_model("student"))
+                       middle.model)
 
 
 def self_steps(ctx: RunContext) -> Iterator[Step]:
     """Every generation has the teacher's architecture: generation 1 stands for all of them."""
-    yield teacher_step(ctx)
+    teacher = teacher_step(ctx)
+    yield teacher
     generations = int(ctx.cfg.paradigm.get("generations", 2))
     yield distill_step(generation_context(ctx, 1, generations), f"generation 1 {ctx.cfg.teacher.name}",
-                       lambda: teacher_model(ctx), "teacher")
+                       teacher.model, "teacher")
 
 
 def student_only(ctx: RunContext) -> Iterator[Step]:
@@ -199,11 +209,22 @@ STEPS: dict[str, Callable[[RunContext], Iterator[Step]]] = {
 
 # --- the step --------------------------------------------------------------------------------------------------
 
-def take_step(ctx: RunContext, step: Step, batch: Batch, smallest: int, speed: Speed, steps_per_epoch: int) -> None:
+def take_steps(ctx: RunContext, steps: Iterator[Step], batch: Batch, speed: Speed) -> int:
+    """Each step in turn; the models die with this call. Returns how many steps were taken."""
+    steps_per_epoch = len(Batches(ctx.data.train, ctx.cfg.batch_size, ctx.device, shuffle=True,
+                                  shard=distributed.shard()))
+    taken = 0
+    for step in steps:
+        take_step(ctx, step, batch, speed, steps_per_epoch)
+        taken += 1
+    return taken
+
+
+def take_step(ctx: RunContext, step: Step, batch: Batch, speed: Speed, steps_per_epoch: int) -> None:
     images, labels, indices = batch
     phase = "cannot be built"
     try:
-        forward, loss = step.build()
+        forward, loss = step.parts()
         trainable = forward.features.student if forward.features is not None else forward.student
         trainable.to(ctx.device)
         loss.to(ctx.device)
@@ -231,7 +252,7 @@ def take_step(ctx: RunContext, step: Step, batch: Batch, smallest: int, speed: S
     except KdrunError:
         raise  # already one line naming what to fix (a layer name, a checkpoint, a loss option)
     except Exception as error:
-        raise KdrunError(failure_line(ctx, step, phase, error, images, smallest)) from error
+        raise KdrunError(failure_line(ctx, step, phase, error, images)) from error
 
 
 def frozen_forward(model: nn.Module, speed: Speed, images: torch.Tensor) -> None:
@@ -249,24 +270,23 @@ def check_finite_loss(step: Step, total: torch.Tensor, parts: dict[str, torch.Te
                      f"({bad or f'loss={total.item():.4g}'}): check T, alpha and the distill.terms options")
 
 
-def failure_line(ctx: RunContext, step: Step, phase: str, error: BaseException, images: torch.Tensor,
-                 smallest: int) -> str:
+def failure_line(ctx: RunContext, step: Step, phase: str, error: BaseException, images: torch.Tensor) -> str:
     reason = one_line(error, limit=300)
+    count, shape = len(images), "x".join(map(str, images.shape[1:]))
+    where = f"a batch of {count} {shape} image{'s' if count > 1 else ''}"
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return f"{step.label} runs out of GPU memory on {where}: pass a smaller batch_size or model"
     if phase == "cannot be built":
         method = " and the distill.terms options" if step.method else ""
         return f"{step.label} cannot be built: {reason}; check {step.role}.name, {step.role}.kwargs{method}"
     if phase == "loss":
         return (f"the loss of {step.label} (distill={ctx.cfg.distill.get('name')}) fails on its first batch: "
                 f"{reason}; check the distill.terms options")
-    count, shape = len(images), "x".join(map(str, images.shape[1:]))
     batch_size, processes = ctx.cfg.batch_size, distributed.shard()[1]
-    where = f"a batch of {count} {shape} image{'s' if count > 1 else ''}"
     if "more than 1 value per channel" in reason:  # BatchNorm in train mode, one value per channel
         split = f" split over {processes} processes" if processes > 1 else ""
         return (f"{step.label} cannot train on batches of 1 image (batch_size={batch_size}{split}): its "
                 f"BatchNorm needs 2 or more: pass batch_size={2 * processes} or larger ({reason})")
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return f"{step.label} runs out of GPU memory on {where}: pass a smaller batch_size or model"
     size_key = "dataset.image_size" if "image_size" in ctx.cfg.dataset else None
     fix = f"a larger {size_key} (now {ctx.cfg.dataset.image_size}) or " if size_key else ""
     return f"{step.label} fails a training step on {where}: {reason}; pass {fix}another {step.role} model"
