@@ -63,6 +63,34 @@ LIGHT = {
     "unwritable sweep directory": (["-m", "T=1,2", "hydra.sweep.dir={inputs}/blocker/sweep"], "Not a directory"),
     # --- issue #19 points 1 and 6: checkpoints as teacher or student, the verified cache
     "missing student checkpoint": (["student.checkpoint=nowhere/s.pt"], "student.checkpoint=nowhere/s.pt: no such file"),
+    # --- issue points 2 and 3: non-finite numbers anywhere, negative loss weights, values that reach torch ---
+    "infinite temperature": (["T=inf"], "T=inf is not a finite number: pass a finite value, e.g. T=4.0"),
+    "infinite learning rate": (["lr=inf"], "lr=inf is not a finite number"),
+    "alpha nan": (["alpha=nan"], "alpha=nan is not a finite number"),
+    "stage learning rate nan": (["teacher.lr=nan"], "teacher.lr=nan is not a finite number"),
+    "term temperature infinite": (["distill.terms.kd.T=inf"], "distill.terms.kd.T=inf is not a finite number"),
+    "dataset fraction nan": (["dataset=mnist5k", "dataset.test_fraction=nan"],
+                             "dataset.test_fraction=nan is not a finite number"),
+    "peer temperature nan": (["paradigm=online", "paradigm.T=nan"], "paradigm.T=nan is not a finite number"),
+    "model option nan": (["+student.kwargs.drop_rate=nan"], "student.kwargs.drop_rate=nan is not a finite number"),
+    "negative loss weight": (["distill.terms.kd.weight=-5"], "distill.terms.kd.weight=-5 is negative"),
+    "negative dkd part weight": (["distill=dkd", "distill.terms.dkd.beta=-8"], "distill.terms.dkd.beta=-8 is negative"),
+    "zero term temperature": (["distill.terms.kd.T=0"], "distill.terms.kd.T=0 must be > 0"),
+    "no mlkd temperatures": (["distill=mlkd", "distill.terms.mlkd.temperatures=[]"],
+                             "distill.terms.mlkd.temperatures=[] must list numbers > 0"),
+    "negative momentum": (["optim.momentum=-1"], "optim.momentum=-1.0 must be within [0, 1)"),
+    "negative weight decay": (["optim.weight_decay=-1"], "optim.weight_decay=-1.0 must be >= 0"),
+    "nesterov without momentum": (["optim.momentum=0"], "optim.nesterov=true needs optim.momentum > 0"),
+    "adamw betas out of range": (["optim=adamw", "optim.betas=[0.9,1.5]"],
+                                 "optim.betas=[0.9, 1.5] must be two numbers within [0, 1)"),
+    "negative milestone": (["sched=multistep", "sched.milestones=[-1]"], "sched.milestones=[-1] must be epochs >= 0"),
+    "negative decay factor": (["sched=multistep", "sched.gamma=-1"], "sched.gamma=-1.0 must be > 0"),
+    "negative warm-up": (["sched.warmup_epochs=-1"], "sched.warmup_epochs=-1 must be >= 0"),
+    "negative loader workers": (["+dataset.num_workers=-1"], "dataset.num_workers=-1 must be a whole number >= 0"),
+    "loader workers not a number": (["+dataset.num_workers=many"], "dataset.num_workers='many' must be a whole number"),
+    "seed too large for the generators": (["seed=1000000000000000"], "seed=1000000000000000 must be < 100000000000000"),
+    "unknown launcher": (["hydra/launcher=nope"], "unknown hydra/launcher 'nope': choose one of basic"),
+    "unknown sweeper": (["-m", "hydra/sweeper=nope", "T=1,2"], "unknown hydra/sweeper 'nope': choose one of basic"),
 }
 
 HEAVY = {
@@ -114,6 +142,23 @@ HEAVY = {
                                           "baseline=false"], "holds all the peers of an online run"),
     "student checkpoint with online": (["paradigm=online", "student.checkpoint={inputs}/resnet8.pt"],
                                        "is not read by paradigm=online"),
+    # --- issue point 2: what cannot train fails before any stage trains (the teacher would train first) ---
+    "student too big for the image size": (["student.name=cifar:vgg8", "dataset.image_size=4"],
+                                           "student cifar:vgg8 (baseline) fails a training step on a batch of 2 "
+                                           "3x4x4 images"),
+    "BatchNorm on batches of one image": (["student.name=mobilenetv3_small_050", "batch_size=1"],
+                                          "cannot train on batches of 1 image (batch_size=1)"),
+    "image folder of one class": (["dataset=imagefolder", "dataset.root={inputs}/one_class", "dataset.image_size=16",
+                                   "batch_size=2"], "dataset imagefolder has 1 class (cat): a classifier needs 2"),
+    "second teacher's checkpoint for 100 classes": (["paradigm=multi_teacher",
+                                                     "teachers=[cifar:resnet14,{name: cifar:resnet14, checkpoint: "
+                                                     "'{inputs}/classes100.pt'}]"], "has 100 output classes"),
+    "assistant too big for the image size": (["paradigm=assistant", "assistant.name=cifar:vgg8", "dataset.image_size=4"],
+                                             "assistant cifar:vgg8 fails a training step"),
+    "loss not finite before training": (["T=1e-300"], "the loss of student cifar:resnet8 is not finite on its first "
+                                                      "batch, before any training"),
+    "unknown student layer, teacher to train": (["distill=fitnets", "+distill.student_layers=[nope]",
+                                                 "+distill.teacher_layers=[stages.1]"], "nope"),
 }
 
 # Runs into a directory that already holds work: the error must leave it as it was (metrics.json aside).
@@ -167,6 +212,8 @@ def make_inputs(inputs: Path) -> None:
         _png(inputs / "bad_image" / split / "cat" / "1.png", 2)
         _png(inputs / "bad_image" / split / "dog" / "1.png", 3)
     _png(inputs / "classes_differ" / "train" / "dog" / "1.png", 4)
+    for i, split in enumerate(("train", "train", "val")):
+        _png(inputs / "one_class" / split / "cat" / f"{i}.png", 10 + i)
     _png(inputs / "bad_image" / "train" / "dog" / "2.png", 5)
     (inputs / "bad_image" / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 20)
     other = _kdrun_checkpoint(_model_state("cifar:resnet20"), name="cifar:resnet20")
@@ -245,12 +292,19 @@ def assert_no_run_directory(cwd: Path) -> None:
     assert_no_half_written_cache_entry(cwd)
 
 
+def assert_nothing_cached(cwd: Path) -> None:
+    """Bad input is found before any stage trains: no stage-cache entry at all, so none without its model."""
+    entries = [p for p in (cwd / "outputs" / "cache").glob("*/*") if p.is_dir()]
+    assert not entries, f"a failed run left cache entries {entries} behind"
+
+
 @pytest.mark.parametrize("name", LIGHT)
 def test_bad_input_answered_before_torch_loads(name, light_results):
     result, cwd = light_results[name]
     assert_one_line_error(result, LIGHT[name][1])
     assert result["torch"] is False, "answering this should not need torch"
     assert_no_run_directory(cwd)
+    assert_nothing_cached(cwd)
 
 
 @pytest.mark.slow
@@ -259,6 +313,7 @@ def test_bad_input_found_while_building(name, heavy_results):
     result, cwd = heavy_results[name]
     assert_one_line_error(result, HEAVY[name][1])
     assert_no_run_directory(cwd)
+    assert_nothing_cached(cwd)
 
 
 @pytest.mark.slow

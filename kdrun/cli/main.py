@@ -134,6 +134,8 @@ def main() -> None:
             raise _run_error[0]
     except (KdrunError, ArgvError, OSError) as raised:
         error = as_user_error(raised)  # an OSError here: Hydra could not create the run directory
+        if error is None and _is_config_error(raised):  # Hydra's MissingConfigException is an OSError too
+            error = KdrunError(_hydra_error_line(raised))
         if error is None or show_traceback:
             raise
         _discard_empty_run_dir()

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun.config.groups import (EXTRA_KEYS, SCHEMAS, DatasetConfig, DistillMethod, OptimConfig, ParadigmConfig,
                                  SchedConfig, keys_past_schema, schema_keys)
 from kdrun.config.inputs import check_inputs
+from kdrun.config.values import check_finite, check_values
 from kdrun.errors import KdrunError
 from kdrun.paths import MODEL_GROUPS, model_preset, preset_names
 from kdrun.registry import did_you_mean
@@ -66,6 +67,9 @@ class KdrunConfig:
     lr_base_batch: int = 64
 
 
+# Shuffling seeds a generator with seed * 100_003 + epoch (engine/loaders.py), which must fit in 64 bits.
+MAX_SEED = 10**14
+
 GROUP_FIELDS = ("teacher", "student", "assistant", "dataset", "distill", "paradigm", "optim", "sched")
 
 
@@ -93,12 +97,14 @@ def _check(condition: bool, message: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Semantic checks that the typed schema cannot express."""
+    check_finite(cfg)  # first: `T=nan` is not a finite number, whatever else T must be
     _check(cfg.T > 0, f"T={cfg.T} must be > 0: pass a positive temperature, e.g. T=4")
     _check(0.0 <= cfg.alpha <= 1.0, f"alpha={cfg.alpha} must be within [0, 1], e.g. alpha=0.9")
     _check(cfg.epochs >= 1, f"epochs={cfg.epochs} must be >= 1, e.g. epochs=3")
     _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1, e.g. batch_size=128")
     _check(cfg.lr > 0, f"lr={cfg.lr} must be > 0, e.g. lr=0.05")
     _check(cfg.seed >= 0, f"seed={cfg.seed} must be >= 0")
+    _check(cfg.seed < MAX_SEED, f"seed={cfg.seed} must be < {MAX_SEED} (10**14), e.g. seed=0")
     for role in ("teacher", "student"):
         model = cfg[role]
         _check(model.epochs is None or model.epochs >= 1,
@@ -120,6 +126,7 @@ def validate(cfg: DictConfig) -> None:
     _check("terms" in cfg.distill and len(cfg.distill.terms) > 0,
            "the distill config lists no loss terms: pick a method with distill=NAME, e.g. distill=kd")
     check_group_keys(cfg)
+    check_values(cfg)  # optimizer, schedule, loader and loss-term values that reach torch
     check_inputs(cfg)  # device, dataset name, checkpoint paths: still before any heavy import
     from kdrun.config.paradigm_checks import validate_paradigm  # pure Python: still before heavy imports
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdrun.data import InMemoryDataset
+from kdrun.errors import KdrunError
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels, sample indices
 
@@ -75,6 +76,12 @@ class Batches:
         )
         for images, labels, indices in loader:
             yield _to(images, labels, indices, self.device)
+
+
+def check_batch_fits(batch_size: int, train_set: Dataset) -> None:
+    if batch_size > len(train_set):
+        raise KdrunError(f"batch_size={batch_size} is larger than the training set ({len(train_set)} images); "
+                         f"pass batch_size={min(len(train_set), 128)} or smaller")
 
 
 def on_device(dataset: Dataset, device: torch.device) -> Dataset:

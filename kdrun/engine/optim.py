@@ -6,12 +6,21 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, one_line
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any], lr: float) -> torch.optim.Optimizer:
     name = cfg.get("name", "sgd")
     params = [p for p in params if p.requires_grad]
+    try:
+        return _optimizer(name, params, cfg, lr)
+    except ValueError as error:  # torch.optim's own checks, e.g. "Invalid momentum value: -1.0"
+        settings = ", ".join(f"optim.{key}={value}" for key, value in cfg.items() if key != "name")
+        raise KdrunError(f"optim={name} refuses its values (lr={lr}, {settings}): {one_line(error)}; "
+                         "fix the value it names") from error
+
+
+def _optimizer(name: str, params: list[torch.nn.Parameter], cfg: Mapping[str, Any], lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.get("momentum", 0.9),
                                nesterov=cfg.get("nesterov", False), weight_decay=cfg.get("weight_decay", 0.0))

@@ -20,7 +20,7 @@ from kdrun.engine.divergence import check_finite_weights
 from kdrun.engine.evaluate import predict
 from kdrun.engine.forward import StepForward
 from kdrun.engine.last_checkpoint import load_last, restore, save_last
-from kdrun.engine.loaders import Batches, on_device
+from kdrun.engine.loaders import Batches, check_batch_fits, on_device
 from kdrun.engine.optim import build_optimizer, build_scheduler
 from kdrun.engine.speed import Speed
 from kdrun.engine.step import Training, TrainStep, train_epoch
@@ -94,9 +94,7 @@ def _set_rng_state(state: dict) -> None:
 def prepare_training(stage: Stage, forward: StepForward, loss: DistillLoss, train_set) -> Training:
     """Models and loss on the device, the optimizer and schedule, and the step (DDP-wrapped under torchrun)."""
     recipe, device = stage.recipe, stage.device
-    if recipe.batch_size > len(train_set):
-        raise KdrunError(f"batch_size={recipe.batch_size} is larger than the training set "
-                         f"({len(train_set)} images); pass batch_size={min(len(train_set), 128)} or smaller")
+    check_batch_fits(recipe.batch_size, train_set)
     if loss.needs_teacher and not forward.has_teacher:
         raise KdrunError("the distillation loss needs a teacher but none was built")
     student = forward.student.to(device)

@@ -26,6 +26,7 @@ from kdrun.engine.speed import build_speed
 from kdrun.errors import KdrunError
 from kdrun.models import check_model_name
 from kdrun.paradigms import PARADIGMS
+from kdrun.run.preflight import preflight
 from kdrun.run.results import run_metrics, write_results
 from kdrun.stages.context import RunContext
 
@@ -41,6 +42,10 @@ def resolve_device(name: str) -> torch.device:
         raise KdrunError(f"device={name} is not a device: use auto, cpu, cuda, cuda:N or mps") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KdrunError(f"device={name} but no CUDA GPU is visible: use device=cpu or device=auto")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        choices = "device=cuda:0" if count == 1 else f"device=cuda:0 to cuda:{count - 1}"
+        raise KdrunError(f"device={name} but {count} CUDA GPU(s) are visible: use {choices} or device=auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise KdrunError(f"device={name} but MPS is not available here: use device=cpu or device=auto")
     return device
@@ -66,7 +71,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
 
 
 def build_context(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]] = None) -> RunContext:
-    """Device, speed switches, dataset and the checks that need them, before any stage trains."""
+    """Device, speed switches, dataset and the checks that need them (kdrun.run.preflight), before any stage trains."""
     seed_everything(cfg.seed)
     check_terms(cfg.distill)  # each term's type and options against its registered class
     check_model_name(cfg.teacher.name, "teacher")
@@ -86,5 +91,7 @@ def build_context(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]]
     log.info("dataset %s; device %s; kdrun %s", describe(data), device, __version__)
     for note in unread_settings(cfg):
         log.warning(note)
-    return RunContext(cfg, data, device, run_dir, show_progress(cfg.progress) and distributed.is_main(), speed,
-                      list(overrides or []))
+    ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress) and distributed.is_main(), speed,
+                     list(overrides or []))
+    preflight(ctx, paradigm_name(cfg))  # every model of the run takes one training step: fail now, not after a stage
+    return ctx

@@ -129,23 +129,11 @@ def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float) ->
     model = ctx.build_model("student").to(ctx.device)
     # Frozen from here on: even a dummy probe in train mode would move the teacher's BatchNorm statistics.
     teacher.to(ctx.device).eval().requires_grad_(False)
-    distill_cfg = plain(ctx.cfg.distill)
-    pairing, shapes = None, None
-    if needs_features(distill_cfg):
-        pairing = pair_features(ctx, model, teacher, distill_cfg)
-        shapes = pairing.shapes((ctx.data.in_chans, *ctx.data.image_size), ctx.data.num_classes,
-                                len(ctx.data.train))
+    forward, loss = distill_forward(ctx, model, teacher)
+    if forward.features is not None:
+        pairing = forward.features
         log.info("features: student %s <-> teacher %s", [pairing.student.names[i] for i in pairing.student_index],
                  [pairing.teacher.names[i] for i in pairing.teacher_index])
-    loss = build_loss(distill_cfg, shapes)
-    outputs = None
-    if ctx.cfg.teacher.cache and loss.needs_teacher:
-        from kdrun.engine.teacher_cache import teacher_outputs_for_run
-
-        outputs = teacher_outputs_for_run(ctx, teacher, pairing, ctx.speed)
-        log.info("teacher outputs: %s %s", "reusing" if outputs.reused else "cached", outputs.directory)
-    forward = StepForward(model, teacher if loss.needs_teacher else None, pairing, outputs,
-                          strong_view_for(loss, ctx.data))
     writer = open_writer(ctx.run_dir)
     write_layout(writer)
     figures = soft_target_logger(writer, ctx.data, model, teacher, ctx.cfg.T, int(ctx.cfg.tb_figures), ctx.device)
@@ -154,6 +142,29 @@ def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float) ->
                                     reference={"teacher": teacher_top1}, on_epoch=figures, writer=writer))
     finally:
         writer.close()
+
+
+def distill_forward(ctx: RunContext, model: nn.Module, teacher: nn.Module,
+                    cached_teacher: bool = True) -> tuple[StepForward, DistillLoss]:
+    """What a step of the distill stage runs (`model` learning from the frozen `teacher` with the run's method)
+    and its loss. `cached_teacher=False`: the live teacher even with teacher.cache=true (the run's preflight,
+    which must not write the cache)."""
+    distill_cfg = plain(ctx.cfg.distill)
+    pairing, shapes = None, None
+    if needs_features(distill_cfg):
+        pairing = pair_features(ctx, model, teacher, distill_cfg)
+        shapes = pairing.shapes((ctx.data.in_chans, *ctx.data.image_size), ctx.data.num_classes,
+                                len(ctx.data.train))
+    loss = build_loss(distill_cfg, shapes)
+    outputs = None
+    if cached_teacher and ctx.cfg.teacher.cache and loss.needs_teacher:
+        from kdrun.engine.teacher_cache import teacher_outputs_for_run
+
+        outputs = teacher_outputs_for_run(ctx, teacher, pairing, ctx.speed)
+        log.info("teacher outputs: %s %s", "reusing" if outputs.reused else "cached", outputs.directory)
+    forward = StepForward(model, teacher if loss.needs_teacher else None, pairing, outputs,
+                          strong_view_for(loss, ctx.data))
+    return forward, loss
 
 
 def pair_features(ctx: RunContext, student: nn.Module, teacher: nn.Module, distill_cfg: dict) -> FeaturePairing:
