@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 
+from kdrun.cli.hints import shell_quoted
 from kdrun.cli.plugins import check_plugins
 from kdrun.errors import KdrunError
 from kdrun.paths import MODEL_GROUPS, config_groups, group_options
@@ -34,6 +35,7 @@ def preflight(args: list[str]) -> list[str]:
     for arg in args:
         _check_flag(arg)
     args = _flags_first(args)
+    _check_bare_words(args)
     check_plugins(args)  # a launcher or sweeper from a pip extra that is not installed
     if not any(arg.startswith(CUSTOM_CONFIG_FLAGS) for arg in args):
         args = [_check_group_override(arg) for arg in args]
@@ -69,6 +71,23 @@ def _flags_first(args: list[str]) -> list[str]:
             overrides.append(arg)
         i += 1
     return flags + overrides
+
+
+def _check_bare_words(args: list[str]) -> None:
+    """A word that is no KEY=VALUE (nor ~KEY) is mostly a value the shell split at a space: say how to quote it."""
+    previous = None
+    for i, arg in enumerate(args):
+        flag_value = i > 0 and args[i - 1] in FLAGS_WITH_VALUE + ("--info", "-i")
+        if arg.startswith(("-", "~")) or "=" in arg or flag_value:
+            previous = arg if "=" in arg and not arg.startswith("-") else None
+            continue
+        if previous is not None:
+            key = previous.split("=", 1)[0]
+            whole = f"{previous} {arg}"
+            raise ArgvError(f"'{arg}' is not KEY=VALUE: if it is part of {key}'s value, quote the whole override "
+                            f"for the shell: kdrun {shell_quoted(whole)}")
+        raise ArgvError(f"'{arg}' is not an override: write KEY=VALUE (e.g. {arg}=VALUE); "
+                        "kdrun --help lists the keys and config groups")
 
 
 def _is_number(arg: str) -> bool:
