@@ -147,12 +147,7 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     show_traceback = os.environ.get("KDRUN_TRACEBACK") == "1"
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
-        from kdrun.cli.help import help_text
-
-        try:
-            print(help_text())
-        except BrokenPipeError:  # `kdrun --help | head`: the reader has what it wanted
-            sys.stderr.close()
+        _print_help(sys.argv[1:])
         return
     try:
         sys.argv[1:] = worker_argv(preflight(sys.argv[1:]))  # torchrun: only rank 0 writes the run dir
@@ -187,6 +182,24 @@ def main() -> None:
     if failed:
         print(f"kdrun: error: {_failed_summary(failed)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _print_help(args: list[str]) -> None:
+    """kdrun's page, or with `--help TOPIC` that section of the README."""
+    from kdrun.cli.help import help_text, topic_text
+
+    at = next(i for i, arg in enumerate(args) if arg in ("-h", "--help"))
+    topic = args[at + 1] if at + 1 < len(args) else ""
+    try:
+        if topic and "=" not in topic and not topic.startswith("-"):
+            print(topic_text(topic))
+        else:
+            print(help_text())
+    except KdrunError as error:
+        print(f"kdrun: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:  # `kdrun --help | head`: the reader has what it wanted
+        sys.stderr.close()
 
 
 def _failed_summary(failed: list[str]) -> str:
