@@ -8,6 +8,7 @@ any install, with no docs folder to ship and no URL to keep alive. A source chec
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -137,21 +138,14 @@ def sections(text: str) -> list[tuple[str, str]]:
     return found
 
 
-def _matches(topic: str, heading: str) -> bool:
-    """`metrics` finds "metrics.json", `resume` "Resuming", `config` "Configuration"."""
+def _matches(topic: str, heading: str, loose: bool = False) -> bool:
+    """`metrics` finds "metrics.json", `sweeps` "Sweeps"; loose: `resume` finds "Resuming", `config`
+    "Configuration" (a shared stem of five letters or more)."""
     topic = topic.lower()
-    if topic == heading.lower():
-        return True
     words = re.findall(r"[a-z0-9][a-z0-9.-]*", heading.lower())
-    return any(word.startswith(topic) or len(_common_prefix(word, topic)) >= max(5, len(topic) - 2)
-               for word in words if len(word) >= 3)
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
+    if topic == heading.lower() or any(word.startswith(topic) for word in words):
+        return True
+    return loose and any(len(os.path.commonprefix([word, topic])) >= max(5, len(topic) - 2) for word in words)
 
 
 def topic_text(topic: str) -> str:
@@ -163,7 +157,8 @@ def topic_text(topic: str) -> str:
         raise KdrunError("this kdrun was installed without its README (package metadata): see kdrun --help")
     if topic.lower() in ("readme", "all"):
         return text.rstrip()
-    chosen = [body for heading, body in sections(text) if _matches(topic, heading)]
+    chosen = ([body for heading, body in sections(text) if _matches(topic, heading)]
+              or [body for heading, body in sections(text) if _matches(topic, heading, loose=True)])
     # A `##` section already holds its matching `###` subsections: print each text once.
     chosen = [body for body in chosen if not any(body != other and body in other for other in chosen)]
     if not chosen:
