@@ -179,12 +179,24 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run, tiny_a
     proc.wait()
     assert not (cut / "metrics.json").exists(), "the run finished before it could be killed"
 
+    # No process holds it any more: kdrun-report shows it interrupted, not running forever.
+    from kdrun.sweeps.report import build_report
+
+    assert [run.status for run in build_report(cwd / "outputs" / "runs").runs] == ["interrupted"]
+
     # resume=true from a new invocation finds the interrupted run by its overrides.
     resumed = run_kdrun([*args, "resume=true", "hydra.run.dir=outputs/runs/x/new"], cwd)
     assert resumed.returncode == 0, resumed.stderr
     assert f"continuing the interrupted run in {cut}" in resumed.stderr
     done = int(re.search(r"resuming from .* \(epoch (\d)/6 done\)", resumed.stderr).group(1))
     assert 1 <= done < 6
+    # It continued in place: its own kdrun.log tells the whole story, and no second directory (husk) is left.
+    assert not (cwd / "outputs" / "runs" / "x" / "new").exists()
+    log = (cut / "kdrun.log").read_text()
+    assert log.count("student epoch 1/6: ") == 1 and "continuing the interrupted run" in log
+    assert "student epoch 6/6: " in log and log.index("student epoch 1/6: ") < log.index("resuming from")
+    report = build_report(cwd / "outputs" / "runs")
+    assert [run.status for run in report.runs] == ["completed"] and report.swept == []
     full_metrics, resumed_metrics = read_metrics(full), read_metrics(cut)
     assert resumed_metrics["history"][-1]["epoch"] == 6
     assert "resume=true" in resumed_metrics.pop("overrides") and "resume=true" not in full_metrics.pop("overrides")
@@ -192,6 +204,23 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(first_run, tiny_a
     assert (full_metrics["baseline"].pop("source"), resumed_metrics["baseline"].pop("source")) == ("trained", "cache")
     # Everything but the clock: losses of every epoch, accuracies, NLL, ECE, agreement, KL, ...
     assert without_timings(resumed_metrics) == without_timings(full_metrics)
+
+
+def test_a_first_run_says_where_things_went(kdrun, tiny_args, tmp_path):
+    """The run directory, each stage as it starts, the cache entry built then reused, where the results are."""
+    args = [a for a in tiny_args if not a.startswith("epochs=")] + ["epochs=1", "paradigm=baseline"]
+    first, again = kdrun(*args, "hydra.run.dir=first"), kdrun(*args, "hydra.run.dir=again")
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    (model,) = (tmp_path / "outputs" / "cache" / "baseline").glob("*/model.pt")
+    entry = model.parent
+    shown = str(entry.relative_to(tmp_path))
+    assert "run directory: first" in first.stderr
+    assert f"baseline: training cifar:resnet8 for 1 epoch; cached in {shown} for later runs" in first.stderr
+    assert "1 epochs" not in first.stderr
+    assert f"baseline: reusing cached cifar:resnet8 from {shown}" in again.stderr
+    assert first.stderr.strip().splitlines()[-1].endswith(
+        "wrote metrics.json, checkpoints/, kdrun.log and TensorBoard events to first")
+    assert (tmp_path / "first" / "metrics.json").is_file()
 
 
 def test_progress_bars_on_a_terminal_plain_lines_otherwise(first_run, tiny_args):

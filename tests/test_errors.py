@@ -91,6 +91,23 @@ LIGHT = {
     "seed too large for the generators": (["seed=1000000000000000"], "seed=1000000000000000 must be < 100000000000000"),
     "unknown launcher": (["hydra/launcher=nope"], "unknown hydra/launcher 'nope': choose one of basic"),
     "unknown sweeper": (["-m", "hydra/sweeper=nope", "T=1,2"], "unknown hydra/sweeper 'nope': choose one of basic"),
+    # --- issue point 4: Hydra's own hints survive the one line; misspelt keys and options get "did you mean"
+    "several values without -m": (["T=2,4"], "T=2,4 gives T several values: to sweep over them add -m/--multirun "
+                                             "(kdrun -m T=2,4); for a list write T=[2,4]"),
+    "group options without -m": (["distill=kd,dkd"], "add -m/--multirun (kdrun -m distill=kd,dkd)"),
+    "sweep function without -m": (["T=range(1,3)"], "T=range(1,3) is a sweep: add -m/--multirun"),
+    "value Hydra cannot read": (["alpha=0.5)"], """quote it, e.g. kdrun 'alpha="0.5)"'"""),
+    "unquoted '=' in a value": (["dataset.root=a=b"], """quote it, e.g. kdrun 'dataset.root="a=b"'"""),
+    "unclosed list": (["T=[1,2"], """quote it, e.g. kdrun 'T="[1,2"'"""),
+    "value the shell split at a space": (["dataset=imagefolder", "dataset.root=/my", "data"],
+                                         "quote the whole override for the shell: kdrun 'dataset.root=/my data'"),
+    "word without a value": (["teacher", "resnet50"], "'teacher' is not an override: write KEY=VALUE"),
+    "misspelt key in the wrong case": (["Alpha=0.5"], "Key 'Alpha' not in kdrun's config; did you mean 'alpha'?"),
+    "misspelt group": (["distil=kd"], "did you mean 'distill'?"),
+    "group option in the wrong case": (["distill=KD"], "unknown distill 'KD'"),
+    "misspelt model key": (["teacher.nme=resnet18"], "did you mean 'name'?"),
+    "misspelt launcher": (["hydra/launcher=jobli"], "unknown option 'jobli' of hydra/launcher: choose one of"),
+    "interpolation of nothing": (["tb_figures=${nope}"], "tb_figures: Interpolation key 'nope' not found"),
 }
 
 HEAVY = {
@@ -380,3 +397,50 @@ def assert_no_half_written_cache_entry(cwd: Path) -> None:
             assert (folder / "last.pt").is_file(), f"a failed build left {folder} with nothing to resume"
         else:
             assert {p.name for p in folder.iterdir()} & {"model.pt", "manifest.json"}, f"{folder} has no model"
+
+
+# --- issue points 4 and 5: quoting that Hydra reads back; a run directory another process runs ---------------
+
+@pytest.mark.parametrize("value", ["/a b/c", "a=b", "0.5)", "[1,2", "x,y", "it's", 'say "hi"', "C:\\dir\\", "${T}"])
+def test_the_quoted_form_reads_back_as_the_value(value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from kdrun.cli.hints import quoted_override
+
+    quoted = quoted_override("dataset.root", value)
+    assert OverridesParser.create().parse_override(quoted).value() == value
+
+
+def test_shell_form_is_one_word_for_the_shell():
+    import shlex
+
+    from kdrun.cli.hints import shell_quoted
+
+    for arg in ['dataset.root="a b"', "x=\"it's\"", "x='a'", 'x="$HOME"']:
+        assert shlex.split(shell_quoted(arg)) == [arg]
+    assert shell_quoted('alpha="0.5)"') == """'alpha="0.5)"'"""
+
+
+def test_run_directory_in_use_is_left_to_its_process(kdrun, tmp_path, tiny_args):
+    from kdrun.run_files import RUN_LOCK, holding_run
+
+    busy = tmp_path / "busy"
+    with holding_run(busy):
+        proc = kdrun(*tiny_args, f"hydra.run.dir={busy}")
+        held, left = (busy / RUN_LOCK).read_text(), sorted(p.name for p in busy.iterdir())
+    line = assert_one_line_error({"rc": proc.returncode, "stderr": proc.stderr}, "is in use by a running kdrun")
+    assert "hydra.run.dir=DIR" in line
+    assert held.split()[0] == str(os.getpid())  # the holder's lock file was not touched, nor anything else
+    assert left == [RUN_LOCK]
+
+
+def test_run_directory_taken_after_the_check_is_left_to_its_process(tmp_path):
+    """Two processes that pass the command-line check at once: the second to lock the directory stops."""
+    from kdrun.run_files import RUN_LOCK, RunInUseError, holding_run
+
+    with holding_run(tmp_path / "run"):
+        with pytest.raises(RunInUseError, match=f"in use by a running kdrun \\(pid, host: {os.getpid()} "):
+            with holding_run(tmp_path / "run"):
+                pass
+        assert (tmp_path / "run" / RUN_LOCK).is_file()
+    assert not (tmp_path / "run" / RUN_LOCK).exists()  # removed when its run ends

@@ -56,3 +56,46 @@ def test_help_shows_examples_and_exit_codes(help_page):
     examples = help_page.split("Examples:")[1]
     assert "kdrun teacher=resnet50 student=mobilenetv3 T=3" in examples and "kdrun -m T=1,2,4,8" in examples
     assert "2 bad input" in help_page and "3 training diverged" in help_page
+
+
+# --- issue point 9: the documentation --help points to is one a pip user has ---------------------------------
+
+def test_help_points_to_documentation_that_is_installed(help_page):
+    assert "README.md" not in help_page
+    assert "kdrun --help metrics.json" in help_page and "kdrun --help readme" in help_page
+
+
+@pytest.mark.parametrize("topic, heading, inside", [
+    ("metrics.json", "### metrics.json", "gain_over_baseline"),
+    ("metrics", "### metrics.json", "gain_over_baseline"),
+    ("resume", "## Resuming", "resume=true"),
+    ("sweeps", "## Sweeps", "kdrun -m"),
+    ("errors", "## Errors", "kdrun: error:"),
+])
+def test_help_topic_prints_that_readme_section(topic, heading, inside):
+    proc = subprocess.run([sys.executable, "-m", "kdrun.cli", "--help", topic], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith(heading + "\n") and inside in proc.stdout
+    assert "\n## " not in proc.stdout  # that section alone, not the ones after it
+
+
+def test_unknown_help_topic_is_one_line_listing_the_sections():
+    proc = subprocess.run([sys.executable, "-m", "kdrun.cli", "--help", "nonsense"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("kdrun: error: no README section matches 'nonsense': try one of Quickstart,")
+    assert proc.stderr.count("\n") == 1
+
+
+def test_readme_comes_from_the_package_metadata_without_a_checkout(monkeypatch):
+    """What a pip user has: no README.md beside the package, the copy in the installed metadata."""
+    import importlib.metadata
+    from email.message import Message
+
+    from kdrun.cli import help as help_module
+
+    message = Message()
+    message.set_payload("# kdrun\n\n## Outputs\n\nrun dirs\n\n### metrics.json\n\nkeys\n\n## Sweeps\n\n-m\n")
+    monkeypatch.setattr(help_module, "__file__", "/nowhere/site-packages/kdrun/cli/help.py")
+    monkeypatch.setattr(importlib.metadata, "metadata", lambda name: message)
+    assert help_module.topic_text("metrics") == "### metrics.json\n\nkeys"
+    assert help_module.topic_text("outputs") == "## Outputs\n\nrun dirs\n\n### metrics.json\n\nkeys"

@@ -40,3 +40,13 @@ def test_installed_kdrun_composes_from_another_directory(installed_site, tmp_pat
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert job.returncode == 0, job.stderr
     assert "name: resnet18" in job.stdout and "T: 3" in job.stdout and "name: mnist5k" in job.stdout
+
+
+def test_installed_kdrun_help_prints_the_readme_it_ships(installed_site, tmp_path):
+    """kdrun --help points pip users at `kdrun --help TOPIC`: the README travels in the wheel's metadata."""
+    env = {**os.environ, "PYTHONPATH": str(installed_site)}
+    proc = subprocess.run([sys.executable, "-m", "kdrun.cli", "--help", "metrics.json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("### metrics.json") and "gain_over_baseline" in proc.stdout
+    assert not (installed_site / "README.md").exists()  # read from kdrun-*.dist-info/METADATA

@@ -1,6 +1,7 @@
 """kdrun-report on hand-made run directories: swept keys, seed groups (mean +- std), statuses, files."""
 import csv
 import json
+import os
 import statistics
 import sys
 import tomllib
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from kdrun.run_files import holding_run
 from kdrun.sweeps.report import build_report, format_table, main, row_seeds, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -53,8 +55,10 @@ def seed_sweep(tmp_path):
              {"status": "diverged", "error": "student diverged in epoch 1/2: loss_kd=nan at step 7; lower the lr"})
     make_run(root, "5_T=8,seed=1", [*common, "T=8", "seed=1"],
              log="[12:00:00] dataset ...\n[12:00:01] job failed: batch_size=999 is larger than the training set\n")
-    make_run(root, "10_T=2,seed=0", [*common, "T=2", "seed=0"])
-    return root
+    live = make_run(root, "10_T=2,seed=0", [*common, "T=2", "seed=0"])
+    make_run(root, "11_T=2,seed=1", [*common, "T=2", "seed=1"])  # killed: no metrics.json, no process
+    with holding_run(live):  # this one is still running: a process holds its lock
+        yield root
 
 
 def test_runs_that_differ_only_in_seed_share_a_row(seed_sweep):
@@ -62,8 +66,9 @@ def test_runs_that_differ_only_in_seed_share_a_row(seed_sweep):
     assert report.swept == ["T", "seed"] and report.grouped_seeds
     assert [(row.keys, len(row.runs), row.status) for row in report.rows] == [
         ({"T": "1"}, 2, "completed"), ({"T": "4"}, 2, "completed"),
-        ({"T": "8"}, 1, "diverged"), ({"T": "8"}, 1, "failed"), ({"T": "2"}, 1, "running")]
-    assert [row_seeds(row) for row in report.rows] == ["0,1", "0,1", "0", "1", "0"]
+        ({"T": "8"}, 1, "diverged"), ({"T": "8"}, 1, "failed"), ({"T": "2"}, 1, "running"),
+        ({"T": "2"}, 1, "interrupted")]
+    assert [row_seeds(row) for row in report.rows] == ["0,1", "0,1", "0", "1", "0", "1"]
     t1 = report.rows[0].stats
     assert t1["student_last_top1"] == pytest.approx((0.55, statistics.stdev([0.5, 0.6])))
     assert t1["student_best_top1"] == pytest.approx((0.60, statistics.stdev([0.55, 0.65])))
@@ -77,18 +82,19 @@ def test_runs_that_differ_only_in_seed_share_a_row(seed_sweep):
 def test_table_csv_markdown_and_plot_of_a_seed_sweep(seed_sweep):
     text = write_report(seed_sweep)
     lines = text.splitlines()
-    assert lines[0] == f"7 run(s) in {seed_sweep} (swept: T, seed)"
+    assert lines[0] == f"8 run(s) in {seed_sweep} (swept: T, seed)"
     header = lines[1].split()
     assert header[:2] == ["T", "seeds"] and header[-1] == "status"
     t1_row = lines[2].split()
     assert t1_row[:2] == ["1", "0,1"] and "55.00+-7.07" in t1_row and "60.00+-7.07" in t1_row
     assert "-15.00+-7.07" in t1_row and "0.08+-0.00M" in t1_row and t1_row[-1] == "completed"
     assert lines[4].split()[:2] == ["8", "0"] and lines[5].split()[:2] == ["8", "1"] and lines[4].split()[-1] == "diverged"
+    assert lines[-2] == "+- is the standard deviation over seeds (seeds column)"
     assert lines[-1].startswith("wrote summary.csv, summary.md, student_top1_vs_T.png")
 
     rows = list(csv.DictReader((seed_sweep / "summary.csv").open()))
-    assert [row["T"] for row in rows] == ["1", "4", "8", "8", "2"]
-    assert [row["status"] for row in rows] == ["completed", "completed", "diverged", "failed", "running"]
+    assert [row["T"] for row in rows] == ["1", "4", "8", "8", "2", "2"]
+    assert [row["status"] for row in rows] == ["completed", "completed", "diverged", "failed", "running", "interrupted"]
     assert float(rows[1]["student_last_top1"]) == pytest.approx(0.75)
     assert float(rows[1]["student_last_top1_std"]) == pytest.approx(statistics.stdev([0.7, 0.8]))
     assert rows[0]["runs"] == "2" and rows[0]["seeds"] == "0,1" and rows[0]["paths"] == "0_T=1,seed=0;1_T=1,seed=1"
@@ -147,3 +153,75 @@ def test_console_script_is_declared():
     assert pyproject["project"]["scripts"]["kdrun-report"] == "kdrun.sweeps.report:main"
     assert any(dep.startswith("matplotlib") for dep in pyproject["project"]["dependencies"])
     assert "kdrun.sweeps.report" in sys.modules
+
+
+# --- issue points 5 and 10: a whole outputs/ tree, defaults read from the composed config, repeats, read-only --
+
+def composed_run(root: Path, name: str, overrides: list[str], result=None, T=4.0, seed=0, distill="kd") -> Path:
+    """A run as kdrun leaves it: overrides.yaml, plus the composed config and Hydra's group choices."""
+    run = make_run(root, name, overrides, result)
+    config = {"T": T, "alpha": 0.9, "seed": seed, "epochs": 3, "distill": {"terms": {"kd": {"T": "${T}"}}}}
+    (run / ".hydra" / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    (run / ".hydra" / "hydra.yaml").write_text(json.dumps({"hydra": {"runtime": {"choices": {"distill": distill}}}}))
+    return run
+
+
+def test_values_not_overridden_come_from_the_composed_config(tmp_path):
+    outputs = tmp_path / "outputs"
+    composed_run(outputs / "runs" / "d1", "t1", [], metrics(0.60))                      # the default T=4
+    composed_run(outputs / "runs" / "d1", "t2", ["T=4"], metrics(0.70))                 # T=4 typed
+    composed_run(outputs / "runs" / "d2", "t3", ["T=2", "resume=true"], metrics(0.50, T=2.0), T=2.0)
+    composed_run(outputs / "multirun" / "d" / "t", "0_distill=dkd", ["distill=dkd"], metrics(0.8), distill="dkd")
+    (outputs / "cache" / "teacher" / "abc").mkdir(parents=True)
+    report = build_report(outputs)
+    assert report.swept == ["distill", "T"]  # resume is never swept
+    assert [(row.keys, len(row.runs)) for row in report.rows] == [
+        ({"distill": "dkd", "T": "4"}, 1), ({"distill": "kd", "T": "4"}, 2), ({"distill": "kd", "T": "2"}, 1)]
+    assert report.rows[1].stats["student_last_top1"][0] == pytest.approx(0.65)
+    table = format_table(report)
+    assert "-" not in table.splitlines()[3].split()[:2]
+
+
+def test_repeats_of_one_seed_are_called_repeats_not_seeds(tmp_path):
+    composed_run(tmp_path, "a", [], metrics(0.60))
+    composed_run(tmp_path, "b", [], metrics(0.70))
+    composed_run(tmp_path, "c", ["seed=1"], metrics(0.80), seed=1)
+    composed_run(tmp_path, "d", ["T=2"], metrics(0.50, T=2.0), T=2.0)
+    report = build_report(tmp_path)
+    assert report.swept == ["seed", "T"] and report.grouped_seeds
+    assert [(row.keys, row_seeds(row)) for row in report.rows] == [({"T": "4"}, "0x2,1"), ({"T": "2"}, "0")]
+    table = format_table(report)
+    assert "0x2 = 2 repeats of seed 0" in table.splitlines()[-1]
+    assert "over seeds" not in table.replace("not seeds", "")
+
+
+def test_read_only_directory_prints_the_table_and_one_line(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    make_run(root, "0_T=1", ["T=1"], metrics(0.5, T=1.0))
+    make_run(root, "1_T=2", ["T=2"], metrics(0.6, T=2.0))
+    (root / "summary.csv").mkdir()  # what a read-only directory does to the writes, also for root
+    main([str(root)])
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == f"2 run(s) in {root} (swept: T)" and "50.00" in out and "wrote" not in out
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"kdrun-report: could not write summary.csv, summary.md and the plots into {root}")
+    assert "--out DIR" in err
+    assert sorted(p.name for p in root.iterdir()) == ["0_T=1", "1_T=2", "summary.csv"]  # nothing half-written
+
+    elsewhere = tmp_path / "report"
+    main([str(root), "--out", str(elsewhere)])
+    assert "wrote summary.csv, summary.md" in capsys.readouterr().out
+    assert (elsewhere / "summary.md").read_text().startswith(f"# kdrun report: {root}")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_permissions(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    make_run(root, "0_T=1", ["T=1"], metrics(0.5, T=1.0))
+    root.chmod(0o555)
+    try:
+        main([str(root)])
+    finally:
+        root.chmod(0o755)
+    out, err = capsys.readouterr()
+    assert "50.00" in out and "Permission denied" in err and err.count("\n") == 1

@@ -6,12 +6,16 @@ The options of every group are the files of conf/ (paths.group_options), which H
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+from pathlib import Path
 
+from kdrun.cli.hints import shell_quoted
 from kdrun.cli.plugins import check_plugins
 from kdrun.errors import KdrunError
 from kdrun.paths import MODEL_GROUPS, config_groups, group_options
 from kdrun.registry import unknown_name
+from kdrun.run_files import run_is_live
 from kdrun.sweeps.resume import resume_sweep_args
 
 # With these, users add config dirs of their own, whose options kdrun cannot list here.
@@ -34,10 +38,28 @@ def preflight(args: list[str]) -> list[str]:
     for arg in args:
         _check_flag(arg)
     args = _flags_first(args)
+    _check_bare_words(args)
     check_plugins(args)  # a launcher or sweeper from a pip extra that is not installed
     if not any(arg.startswith(CUSTOM_CONFIG_FLAGS) for arg in args):
         args = [_check_group_override(arg) for arg in args]
-    return resume_sweep_args(args)
+    args = resume_sweep_args(args)
+    _check_not_running(args)
+    return args
+
+
+def _check_not_running(args: list[str]) -> None:
+    """Hydra rewrites a run directory's .hydra/ before kdrun runs: refuse one that a live process runs first."""
+    multirun = any(arg in ("-m", "--multirun") for arg in args)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    named = [arg.split("=", 1)[1] for arg in args if arg.lstrip("+").startswith(key)]
+    if not named or "${" in named[-1]:
+        return
+    directory = Path(named[-1]).expanduser()
+    live = [directory] if not multirun else [job for job in sorted(directory.glob("*")) if job.is_dir()]
+    for run_dir in live:
+        if run_is_live(run_dir):
+            raise ArgvError(f"{run_dir} is in use by a running kdrun: wait for it to end, or write elsewhere "
+                            f"with {key}DIR")
 
 
 def _check_flag(arg: str) -> None:
@@ -69,6 +91,30 @@ def _flags_first(args: list[str]) -> list[str]:
             overrides.append(arg)
         i += 1
     return flags + overrides
+
+
+def _check_bare_words(args: list[str]) -> None:
+    """A word that is no KEY=VALUE (nor ~KEY) is mostly a value the shell split at a space: say how to quote it."""
+    previous = None
+    for i, arg in enumerate(args):
+        flag_value = i > 0 and args[i - 1] in FLAGS_WITH_VALUE + ("--info", "-i")
+        if arg.startswith(("-", "~")) or "=" in arg or flag_value:
+            previous = arg if "=" in arg and not arg.startswith("-") else None
+            continue
+        if previous is not None and not _is_known_key(arg):
+            key = previous.split("=", 1)[0]
+            whole = f"{previous} {arg}"
+            raise ArgvError(f"'{arg}' is not KEY=VALUE: if it is part of {key}'s value, quote the whole override "
+                            f"for the shell: kdrun {shell_quoted(whole)}")
+        raise ArgvError(f"'{arg}' is not an override: write KEY=VALUE (e.g. {arg}=VALUE); "
+                        "kdrun --help lists the keys and config groups")
+
+
+def _is_known_key(word: str) -> bool:
+    """A config group or top-level key (`kdrun teacher resnet50`): the user left out the '='."""
+    from kdrun.config.schema import KdrunConfig
+
+    return word in config_groups() or word in {f.name for f in dataclasses.fields(KdrunConfig)}
 
 
 def _is_number(arg: str) -> bool:

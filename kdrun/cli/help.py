@@ -1,7 +1,18 @@
-"""`kdrun --help`: kdrun's own page (Hydra's generic one stays behind `--hydra-help`)."""
+"""`kdrun --help`: kdrun's own page (Hydra's generic one stays behind `--hydra-help`); `kdrun --help TOPIC`:
+a section of the README.
+
+The README is the documentation, and it reaches pip users too: it is the package's long description, which
+pip installs in the package's metadata (METADATA), so `kdrun --help metrics.json` works offline and from
+any install, with no docs folder to ship and no URL to keep alive. A source checkout reads its own README.
+"""
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import re
 import textwrap
+from pathlib import Path
+from typing import Optional
 
 from kdrun.paths import config_groups, group_options
 
@@ -84,9 +95,73 @@ def help_text() -> str:
     lines += [
         "",
         "Other flags: -m/--multirun (sweep), --cfg job (print the composed config), --config-dir DIR",
-        "(add your own configs), --hydra-help (Hydra's flags). See README.md for metrics.json keys.",
+        "(add your own configs), --hydra-help (Hydra's flags).",
+        "",
+        "Documentation: kdrun --help TOPIC prints that section of the README, which is installed with",
+        "kdrun: e.g. kdrun --help metrics.json (its keys), --help outputs, --help sweeps, --help resuming,",
+        "--help speed, --help errors; kdrun --help readme prints all of it.",
         "",
         "Exit codes: 0 completed, 2 bad input (one line on stderr), 3 training diverged (metrics.json",
         "says where; the last good checkpoint is kept), 1 some jobs of a sweep did not complete.",
     ]
     return "\n".join(lines)
+
+
+_HEADING = re.compile(r"^(#{2,3}) (.+)$")
+
+
+def readme() -> Optional[str]:
+    """The README: a source checkout's own, else the copy pip installed in the package's metadata."""
+    checkout = Path(__file__).resolve().parents[2] / "README.md"
+    if checkout.is_file() and checkout.read_text().startswith("# kdrun"):
+        return checkout.read_text()
+    try:
+        metadata = importlib.metadata.metadata("kdrun")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    text = metadata.get_payload() if hasattr(metadata, "get_payload") else None  # Metadata 2.1+: the body
+    return text or metadata.get("Description")
+
+
+def sections(text: str) -> list[tuple[str, str]]:
+    """(heading, text) of every `##`/`###` section; a `##` section includes its `###` subsections."""
+    lines = text.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        heading = _HEADING.match(line)
+        if heading is None:
+            continue
+        level = len(heading.group(1))
+        end = next((j for j in range(i + 1, len(lines)) if (h := _HEADING.match(lines[j])) and len(h.group(1)) <= level),
+                   len(lines))
+        found.append((heading.group(2).strip(), "\n".join(lines[i:end]).rstrip()))
+    return found
+
+
+def _matches(topic: str, heading: str, loose: bool = False) -> bool:
+    """`metrics` finds "metrics.json", `sweeps` "Sweeps"; loose: `resume` finds "Resuming", `config`
+    "Configuration" (a shared stem of five letters or more)."""
+    topic = topic.lower()
+    words = re.findall(r"[a-z0-9][a-z0-9.-]*", heading.lower())
+    if topic == heading.lower() or any(word.startswith(topic) for word in words):
+        return True
+    return loose and any(len(os.path.commonprefix([word, topic])) >= max(5, len(topic) - 2) for word in words)
+
+
+def topic_text(topic: str) -> str:
+    """The README sections `topic` names (`readme`: all of it). Raises KdrunError when none does."""
+    from kdrun.errors import KdrunError
+
+    text = readme()
+    if text is None:
+        raise KdrunError("this kdrun was installed without its README (package metadata): see kdrun --help")
+    if topic.lower() in ("readme", "all"):
+        return text.rstrip()
+    chosen = ([body for heading, body in sections(text) if _matches(topic, heading)]
+              or [body for heading, body in sections(text) if _matches(topic, heading, loose=True)])
+    # A `##` section already holds its matching `###` subsections: print each text once.
+    chosen = [body for body in chosen if not any(body != other and body in other for other in chosen)]
+    if not chosen:
+        headings = ", ".join(heading for heading, _ in sections(text))
+        raise KdrunError(f"no README section matches '{topic}': try one of {headings}; or kdrun --help readme")
+    return "\n\n".join(chosen)

@@ -90,6 +90,7 @@ def measured_cost(ctx: RunContext, model: nn.Module, name: str) -> dict:
     generations and peers of one architecture cost the same, and each measurement takes seconds on a CPU."""
     key = (str(ctx.run_dir), name, count_parameters(model))
     if key not in _measured:
+        log.info("%s: measuring its cost on %s (parameters, FLOPs, latency)", name, ctx.device)
         _measured[key] = model_cost(model, (ctx.data.in_chans, *ctx.data.image_size), ctx.cfg.batch_size,
                                     ctx.device)
     return dict(_measured[key])

@@ -57,6 +57,9 @@ def train_role(ctx: RunContext, role: Role) -> StageOutcome:
     """Train the role's model (or reuse it from the stage cache); an interrupted stage resumes."""
     model = role.forward.student
     if role.cache_spec is None:
+        log.info("%s: training %s for %d epoch%s with %s (checkpoints in %s)", role.stage, role.meta["model_name"],
+                 role.recipe.epochs, "s" * (role.recipe.epochs != 1), " + ".join(role.loss.terms) or "no loss terms",
+                 ctx.run_dir / "checkpoints")
         result = _train(ctx, role, ctx.run_dir / "checkpoints", ctx.run_dir)
         return StageOutcome(model, "trained", str(ctx.run_dir / "checkpoints" / "last.pt"), result, role.loss)
     entry = CacheEntry(ctx.cache_root, role.stage, stage_key(role.cache_spec))
@@ -66,7 +69,8 @@ def train_role(ctx: RunContext, role: Role) -> StageOutcome:
             load_model_weights(model, entry.model_path, f"{role.stage} cache", name, ctx.data.num_classes)
             log.info("%s: reusing cached %s from %s", role.stage, name, entry.directory)
             return StageOutcome(model.to(ctx.device), "cache", str(entry.model_path))
-        log.info("%s: training %s for %d epochs (cached in %s)", role.stage, name, role.recipe.epochs, entry.directory)
+        log.info("%s: training %s for %d epoch%s; cached in %s for later runs", role.stage, name, role.recipe.epochs,
+                 "s" * (role.recipe.epochs != 1), entry.directory)
         result = _build_entry(ctx, role, entry)
         distributed.barrier()  # the others go on once the stage is in the cache
         return StageOutcome(model, "trained", str(entry.model_path), result, role.loss)

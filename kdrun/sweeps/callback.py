@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kdrun.run_files import METRICS_FILE, write_json_atomic
 
@@ -51,7 +51,8 @@ class CollectFailedJobs(Callback):
         _started["time"] = time.time() - 1.0  # file times are coarser than time.time()
         # What resume=true looks for (Hydra's multirun.yaml is written by the basic sweeper only).
         try:
-            record_sweep(Path(_started["sweep_dir"]), [str(o) for o in config.hydra.overrides.task])
+            task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # `${...}` as typed
+            record_sweep(Path(_started["sweep_dir"]), [str(o) for o in task])
         except OSError:
             pass  # an unusable sweep dir: the launcher fails on it next, with kdrun's one-line error
 
