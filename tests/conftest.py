@@ -31,9 +31,11 @@ _TINY = (
 )
 
 # Measurements of time, not results: wall-clock seconds of the run and of each epoch, and the
-# timed inference speed (latency, throughput, and speedup, their ratio). They vary from run to run
-# on any machine; every other value of metrics.json must be identical between equivalent runs.
-TIMED_KEYS = {"seconds", "latency_ms", "throughput", "speedup"}
+# timed inference speed (latency, throughput, and speedup, their ratio), with the spread of the timed
+# runs and whether it was narrow enough to trust. They vary from run to run on any machine; every other
+# value of metrics.json must be identical between equivalent runs.
+TIMED_KEYS = {"seconds", "latency_ms", "throughput", "speedup", "latency_spread", "throughput_spread",
+              "timing_reliable"}
 
 
 def _run_kdrun(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -4,11 +4,15 @@
 autocast (weights and optimizer state stay fp32); fp16 adds a GradScaler so small gradients do
 not flush to zero. Evaluation stays in fp32. `channels_last=true` stores conv weights and inputs
 as NHWC (tensor cores and oneDNN prefer it); `compile=true` compiles the modules a step calls, in
-place (`nn.Module.compile`), so state-dict keys and checkpoints are unchanged.
+place (`nn.Module.compile`), so state-dict keys and checkpoints are unchanged. Latency and
+throughput are timed uncompiled (kdrun.evaluation.cost): compile=true speeds up training.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ContextManager, Optional
 
@@ -19,6 +23,54 @@ from kdrun.errors import KdrunError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Modules compiled in place share their class's `forward` code, and dynamo's recompile limit (8) counts
+# per code object: a teacher and a student of one family, each in training (with gradients) and in
+# evaluation (without), and at a last smaller batch, exhaust it and run eagerly from then on. Each
+# compiled module brings its own allowance instead.
+RECOMPILES_PER_MODULE = 4
+_compiled: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_compiled_count = 0
+
+
+def _allow_recompiles(module: nn.Module) -> None:
+    global _compiled_count
+    if module in _compiled:
+        return
+    _compiled.add(module)
+    _compiled_count += 1
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), RECOMPILES_PER_MODULE * _compiled_count))
+
+
+class _OneLineRecompileNotice(logging.Filter):
+    """dynamo's six-line warning when a function still exceeds the limit, as one line, once per function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "recompile_limit" not in message and "cache_size_limit" not in message:
+            return True
+        found = re.search(r"function: (.*)", message)
+        function = found.group(1).strip() if found else "a compiled function"
+        if function in self.seen:
+            return False
+        self.seen.add(function)
+        record.msg, record.args = (f"compile=true: {function} was recompiled too often (torch._dynamo's "
+                                   "recompile limit); it runs uncompiled from here on"), ()
+        return True
+
+
+def _notice_recompile_limit_once() -> None:
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(f, _OneLineRecompileNotice) for f in dynamo_log.filters):
+        dynamo_log.addFilter(_OneLineRecompileNotice())
 
 
 @dataclass
@@ -50,6 +102,7 @@ class Speed:
             module.to(memory_format=torch.channels_last)
         if self.compile:
             module.compile()
+            _allow_recompiles(module)
         return module
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -91,6 +144,8 @@ def build_speed(precision: str, channels_last: bool, compile: bool, device: torc
                          "compile=false")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
+    if compile:
+        _notice_recompile_limit_once()
     return Speed(precision, bool(channels_last), bool(compile), device.type)
 
 

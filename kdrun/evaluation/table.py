@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+from kdrun.evaluation.cost import UNRELIABLE_SPREAD
+
+
+def _timed(value: str, metrics: dict) -> str:
+    """A speed figure, marked `~` when its runs spread too widely to trust it (timing_reliable false)."""
+    return value if metrics.get("timing_reliable", True) else f"~{value}"
+
 # (header, width, format of the value): values a row lacks print as "-" (e.g. a combined multi-teacher
 # prediction has no latency of its own when its members were not timed together).
 COLUMNS = [
@@ -12,8 +19,8 @@ COLUMNS = [
     ("ECE", 7, lambda m: f"{100 * m['ece']:.2f}%"),
     ("params", 9, lambda m: f"{m['params'] / 1e6:.2f}M"),
     ("MFLOPs", 9, lambda m: f"{m['flops'] / 1e6:.1f}"),
-    ("latency", 10, lambda m: f"{m['latency_ms']:.2f}ms"),  # batch 1
-    ("img/s", 9, lambda m: f"{m['throughput']:.0f}"),        # at the training batch size
+    ("latency", 10, lambda m: _timed(f"{m['latency_ms']:.2f}ms", m)),  # batch 1
+    ("img/s", 9, lambda m: _timed(f"{m['throughput']:.0f}", m)),        # at the training batch size
 ]
 
 
@@ -34,4 +41,7 @@ def model_table(rows: list[tuple[str, Optional[dict]]]) -> list[str]:
     for label, metrics in rows:
         lines.append(f"{label:{label_width}}{metrics['name']:{name_width}}"
                      + "".join(_cell(metrics, width, fmt) for _, width, fmt in COLUMNS))
+    if any(metrics.get("timing_reliable") is False for _, metrics in rows):
+        lines.append(f"~ timings spread over more than {100 * UNRELIABLE_SPREAD:.0f}% of their median (a busy "
+                     "machine?): compare those speeds with care")
     return lines

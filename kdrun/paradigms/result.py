@@ -16,8 +16,9 @@ from torch import nn
 
 from kdrun.engine.evaluate import predict
 from kdrun.engine.trainer import StageResult
-from kdrun.evaluation.cost import count_parameters, model_cost
+from kdrun.evaluation.cost import combine_costs, count_flops, count_parameters
 from kdrun.evaluation.metrics import classification_metrics
+from kdrun.evaluation.untimed import Untimed
 from kdrun.stages.context import RunContext
 from kdrun.stages.roles import StageOutcome, obtain_baseline, obtain_teacher
 
@@ -36,6 +37,10 @@ class ParadigmResult:
     test_logits: dict[str, torch.Tensor] = field(default_factory=dict)   # for the reliability diagram
     labels: Optional[torch.Tensor] = None
 
+    def __post_init__(self) -> None:
+        # A paradigm builds its result once it has evaluated every model: the models are timed now, together.
+        time_models_of(self.models, self.rows, self.extra)
+
 
 def predict_test_split(ctx: RunContext, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return predict(model, ctx.data.test, ctx.cfg.batch_size, ctx.device)
@@ -46,7 +51,9 @@ def model_metrics(ctx: RunContext, model: nn.Module, name: str, logits: torch.Te
     """top-1/top-5/NLL/ECE of `logits`, and the cost of `model`, as metrics.json holds them."""
     metrics = classification_metrics(logits, labels)
     metrics.update(name=name, **extra)
-    metrics.update(cost if cost is not None else measured_cost(ctx, model, name))
+    cost = cost if cost is not None else measured_cost(ctx, model, name)
+    metrics.update(cost)
+    _untimed.follow(metrics, cost)  # latency and throughput come when the run's models are timed
     return metrics
 
 
@@ -82,25 +89,50 @@ def evaluated_baseline(ctx: RunContext) -> Optional[dict]:
     return baseline
 
 
-_measured: dict[tuple, dict] = {}
+_measured: dict[tuple, dict] = {}   # (run_dir, name, params) -> the cost of that architecture in that run
+_untimed = Untimed()                # the run's models not timed yet, and the metrics their figures go into
 
 
 def measured_cost(ctx: RunContext, model: nn.Module, name: str) -> dict:
-    """params, FLOPs, latency, throughput of `model`, measured once per architecture in a run: the
-    generations and peers of one architecture cost the same, and each measurement takes seconds on a CPU."""
+    """params and FLOPs of `model` now; its latency and throughput once the run's models are timed
+    together (`time_models_of`). Measured once per architecture in a run: the generations and peers
+    of one architecture, or a baseline and its distilled student, cost the same."""
     key = (str(ctx.run_dir), name, count_parameters(model))
+    input_shape = (ctx.data.in_chans, *ctx.data.image_size)
     if key not in _measured:
-        log.info("%s: measuring its cost on %s (parameters, FLOPs, latency)", name, ctx.device)
-        _measured[key] = model_cost(model, (ctx.data.in_chans, *ctx.data.image_size), ctx.cfg.batch_size,
-                                    ctx.device)
-    return dict(_measured[key])
+        _measured[key] = {"params": key[2], "flops": count_flops(model, input_shape, ctx.device)}
+    cost = dict(_measured[key])
+    if "latency_ms" not in cost:
+        _untimed.add(key, model, (input_shape, ctx.cfg.batch_size, ctx.device), cost)
+    return cost
 
 
 def combined_cost(costs: list[dict]) -> dict:
-    """The cost of running several models one after another (an ensemble, a group of teachers)."""
-    return {"params": sum(c["params"] for c in costs), "flops": sum(c["flops"] for c in costs),
-            "latency_ms": sum(c["latency_ms"] for c in costs),
-            "throughput": 1.0 / sum(1.0 / c["throughput"] for c in costs)}
+    """The cost of running several models one after another (an ensemble, a group of teachers): the
+    members' summed params, FLOPs and latency, their throughput together (filled in once they are timed)."""
+    cost = combine_costs(costs)
+    if "latency_ms" not in cost:
+        _untimed.combine(costs, cost)
+    return cost
+
+
+def time_models_of(*results) -> None:
+    """Time together the models whose metrics dicts are in `results` (dicts, lists, tuples, at any
+    depth), and fill in their latency and throughput; forget any other model waiting (of a failed run)."""
+    found: list[dict] = []
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            found.append(value)
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(results)
+    for key, figures in _untimed.settle(found).items():
+        _measured[key].update(figures)
 
 
 def training_summary(result: StageResult) -> dict:
