@@ -95,6 +95,7 @@ LIGHT = {
     "several values without -m": (["T=2,4"], "T=2,4 gives T several values: to sweep over them add -m/--multirun "
                                              "(kdrun -m T=2,4); for a list write T=[2,4]"),
     "group options without -m": (["distill=kd,dkd"], "add -m/--multirun (kdrun -m distill=kd,dkd)"),
+    "'+' on a key that exists": (["+T=3"], "T is already in the config: set it without the '+'"),
     "sweep function without -m": (["T=range(1,3)"], "T=range(1,3) is a sweep: add -m/--multirun"),
     "value Hydra cannot read": (["alpha=0.5)"], """quote it, e.g. kdrun 'alpha="0.5)"'"""),
     "unquoted '=' in a value": (["dataset.root=a=b"], """quote it, e.g. kdrun 'dataset.root="a=b"'"""),

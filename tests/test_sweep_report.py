@@ -32,7 +32,7 @@ def test_the_multirun_callback_wrote_the_report_into_the_sweep_dir(sweep):
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(JOBS)
     for name in ("summary.csv", "summary.md", "student_top1_vs_T.png", "student_top1_vs_alpha.png"):
         assert (sweep_dir / name).is_file(), name
-    assert f"4 run(s) in sweep (swept: T, alpha)" in proc.stdout
+    assert "4 run(s) in sweep (swept: T, alpha)" in proc.stdout
     for name in ("student_top1_vs_T.png", "student_top1_vs_alpha.png"):
         path = sweep_dir / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

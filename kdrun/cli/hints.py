@@ -14,11 +14,13 @@ from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from kdrun.config.messages import compose_error_line
+from kdrun.paths import config_groups
 from kdrun.registry import did_you_mean
 
 GRAMMAR_DOCS = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 _AMBIGUOUS = re.compile(r"Ambiguous value for argument '(.*)'")
 _SWEEP_NEEDS_MULTIRUN = re.compile(r"Sweep parameters '(.*)' requires --multirun")
+_ALREADY_THERE = re.compile(r"Could not append to config\. An item is already at '(.*)'")
 
 
 def hydra_error_line(error: BaseException) -> str:
@@ -93,14 +95,21 @@ def _several_values(error: BaseException) -> Optional[str]:
     if found:
         override = found.group(1)
         key, value = override.split("=", 1)
+        sweep = (f"{override} gives {key.lstrip('+~')} several values: to sweep over them add -m/--multirun "
+                 f"(kdrun -m {shell_quoted(override)})")
+        if "/" in key or key.lstrip("+~") in config_groups():  # options of a group: a sweep is all it can mean
+            return sweep
         as_string = quoted_override(key, value)
         string_hint = f", or quote it for one string: {shell_quoted(as_string)}" if as_string else ""
-        return (f"{override} gives {key.lstrip('+~')} several values: to sweep over them add -m/--multirun "
-                f"(kdrun -m {shell_quoted(override)}); for a list write {key}=[{value}]{string_hint}")
+        return f"{sweep}; for a list write {key}=[{value}]{string_hint}"
     found = _SWEEP_NEEDS_MULTIRUN.search(text)
     if found:
         override = found.group(1)
         return f"{override} is a sweep: add -m/--multirun (kdrun -m {shell_quoted(override)})"
+    found = _ALREADY_THERE.search(text)
+    if found:  # `+T=3`: '+' adds a key that is not in the config yet
+        key = found.group(1)
+        return f"{key} is already in the config: set it without the '+' ({key}=VALUE)"
     return None
 
 
