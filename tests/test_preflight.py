@@ -95,6 +95,9 @@ def test_each_paradigm_steps_every_model_it_trains(build, overrides, labels, mon
      "peers cifar:resnet8, cifar:vgg8 fails a training step"),
     (["paradigm=assistant", "assistant.name=cifar:vgg8", "teacher.name=cifar:resnet8", "dataset.image_size=4"],
      "assistant cifar:vgg8 fails a training step"),
+    # a model option its constructor does not take
+    (["student.name=mobilenetv3_small_050", "+student.kwargs.nope=2"],
+     "student mobilenetv3_small_050 (baseline) cannot be built: "),
     # the loss of the distill stage
     (["T=1e-300"], "the loss of student cifar:resnet8 is not finite on its first batch, before any training "
                    "(loss_kd=nan)"),
@@ -136,6 +139,15 @@ def test_a_teacher_checkpoint_of_another_class_count_fails_before_the_first_teac
     assert "has 100 output classes but the dataset has 10" in message
 
 
+def test_a_loaded_teacher_runs_frozen_and_is_checked_too(build, tmp_path):
+    from kdrun.models import create_model
+
+    path = tmp_path / "vgg8.pt"
+    torch.save(create_model("cifar:vgg8", num_classes=10, in_chans=3).state_dict(), path)
+    message = preflight_error(build, "teacher.name=cifar:vgg8", f"teacher.checkpoint={path}", "dataset.image_size=4")
+    assert message.startswith("teacher cifar:vgg8 fails in eval mode on a batch of 2 3x4x4 images: ")
+
+
 def test_an_image_folder_of_one_class_is_refused(build, tmp_path):
     from PIL import Image
 
@@ -169,6 +181,7 @@ def test_the_preflight_step_with_speed_switches(build):
     build("precision=bf16", "channels_last=true", "device=cpu")
 
 
+@pytest.mark.e2e  # trains every stage of a run, twice
 @pytest.mark.slow
 def test_metrics_are_the_same_with_and_without_the_preflight(cfg_of, tmp_path, monkeypatch, without_timings):
     import shutil

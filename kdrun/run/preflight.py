@@ -222,7 +222,7 @@ def take_steps(ctx: RunContext, steps: Iterator[Step], batch: Batch, speed: Spee
 
 def take_step(ctx: RunContext, step: Step, batch: Batch, speed: Speed, steps_per_epoch: int) -> None:
     images, labels, indices = batch
-    phase = "cannot be built"
+    phase = "build"
     try:
         forward, loss = step.parts()
         trainable = forward.features.student if forward.features is not None else forward.student
@@ -231,7 +231,7 @@ def take_step(ctx: RunContext, step: Step, batch: Batch, speed: Speed, steps_per
         speed.prepare(trainable)
         forward.prepare_teacher(ctx.device, speed)
         if step.recipe is None:
-            phase = "fails on a batch"
+            phase = "eval"
             frozen_forward(trainable, speed, images)
             return
         optimizer = build_optimizer(list(forward.student.parameters()) + list(loss.parameters()), step.recipe.optim,
@@ -239,16 +239,17 @@ def take_step(ctx: RunContext, step: Step, batch: Batch, speed: Speed, steps_per
         scheduler = build_scheduler(optimizer, step.recipe.sched, steps_per_epoch, step.recipe.epochs)
         trainable.train()
         loss.train()
-        phase = "fails on a batch"
+        phase = "train"
         with speed.autocast():
             outputs = forward(speed.inputs(images), labels, indices, 0)
             phase = "loss"
             total, parts = loss(outputs)
         check_finite_loss(step, total, parts)
-        phase = "fails on a batch"
+        phase = "train"
         speed.backward_and_step(total, optimizer)
         scheduler.step()
-        frozen_forward(trainable, speed, images)  # evaluation: eval mode, no gradients
+        phase = "eval"
+        frozen_forward(trainable, speed, images)  # as evaluation runs it: eval mode, no gradients
     except KdrunError:
         raise  # already one line naming what to fix (a layer name, a checkpoint, a loss option)
     except Exception as error:
@@ -276,7 +277,7 @@ def failure_line(ctx: RunContext, step: Step, phase: str, error: BaseException, 
     where = f"a batch of {count} {shape} image{'s' if count > 1 else ''}"
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return f"{step.label} runs out of GPU memory on {where}: pass a smaller batch_size or model"
-    if phase == "cannot be built":
+    if phase == "build":
         method = " and the distill.terms options" if step.method else ""
         return f"{step.label} cannot be built: {reason}; check {step.role}.name, {step.role}.kwargs{method}"
     if phase == "loss":
@@ -289,7 +290,8 @@ def failure_line(ctx: RunContext, step: Step, phase: str, error: BaseException, 
                 f"BatchNorm needs 2 or more: pass batch_size={2 * processes} or larger ({reason})")
     size_key = "dataset.image_size" if "image_size" in ctx.cfg.dataset else None
     fix = f"a larger {size_key} (now {ctx.cfg.dataset.image_size}) or " if size_key else ""
-    return f"{step.label} fails a training step on {where}: {reason}; pass {fix}another {step.role} model"
+    what = "a training step" if phase == "train" else "in eval mode"
+    return f"{step.label} fails {what} on {where}: {reason}; pass {fix}another {step.role} model"
 
 
 # --- data, batch sizes, random state -----------------------------------------------------------------------------
