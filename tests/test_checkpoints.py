@@ -275,6 +275,26 @@ def test_an_interrupted_build_resumes_from_its_partial_directory(tmp_path, caplo
     assert entry.complete() and not entry.build_directory.exists() and "last.pt" not in entry_files(entry)
 
 
+def test_an_unfinished_build_of_an_earlier_kdrun_is_resumed(tmp_path, caplog):
+    """Earlier versions trained in <key>/ itself: progress without model.pt there becomes the build directory."""
+    ctx = context(tmp_path, "epochs=2", "teacher.name=cifar:resnet8")
+    role = hard_label_role(ctx, "teacher", "teacher")
+    entry = CacheEntry(ctx.cache_root, "teacher", stage_key(role.cache_spec))
+
+    def stop_after_the_first_epoch(epoch, record):
+        raise Interrupt
+
+    role.on_epoch = stop_after_the_first_epoch
+    with pytest.raises(Interrupt):
+        train_role(ctx, role)
+    entry.build_directory.rename(entry.directory)
+    with caplog.at_level(logging.INFO, logger="kdrun"):
+        outcome = train_role(ctx, hard_label_role(ctx, "teacher", "teacher"))
+    assert f"resuming from {entry.build_directory / 'last.pt'} (epoch 1/2 done)" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert outcome.source == "trained" and entry.complete()
+
+
 def test_a_build_that_fails_before_any_epoch_leaves_nothing(tmp_path):
     ctx = context(tmp_path, "batch_size=1000")
     with pytest.raises(KdrunError, match="batch_size=1000 is larger than the training set"):

@@ -108,8 +108,12 @@ class CacheEntry:
 
     def complete(self) -> bool:
         """Whether a finished entry is here and every file matches its recorded sha256. One that does not is
-        moved aside to <key>.corrupt with a warning, and the caller rebuilds the stage."""
+        moved aside to <key>.corrupt with a warning, and the caller rebuilds the stage (an earlier kdrun's
+        unfinished build, progress in <key>/ without model.pt, becomes <key>.partial and is resumed)."""
         if not self.directory.exists():
+            return False
+        if not self.model_path.is_file() and has_checkpoint(self.directory) and not self.build_directory.exists():
+            os.replace(self.directory, self.build_directory)  # an earlier kdrun's unfinished build: resumed
             return False
         problem = f"no {MODEL}" if not self.model_path.is_file() else verify_checksums(self.directory,
                                                                                       self._recorded())

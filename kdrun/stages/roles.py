@@ -107,12 +107,13 @@ def _train(ctx: RunContext, role: Role, checkpoint_dir, log_dir) -> StageResult:
 def hard_label_role(ctx: RunContext, stage: str, role: str) -> Role:
     """The model in `role` trained on hard labels alone, through the stage cache."""
     model_cfg, recipe = ctx.cfg[role], ctx.recipe(role)
+    model = ctx.build_model(role)  # first: a bad checkpoint is a one-line error there
     model_spec = {"name": model_cfg.name, "pretrained": model_cfg.pretrained, "kwargs": plain(model_cfg.kwargs)}
     if model_cfg.get("checkpoint"):  # initial weights (student.checkpoint): keyed by content, not by path
         model_spec["checkpoint_sha256"] = file_sha256(Path(model_cfg.checkpoint).expanduser())
     spec = {"stage": stage, "model": model_spec, "dataset": plain(ctx.cfg.dataset), "recipe": vars(recipe),
             **numerics_key(ctx.speed)}
-    return Role(stage, StepForward(ctx.build_model(role)), hard_label_loss(), ctx.meta(role), recipe, cache_spec=spec)
+    return Role(stage, StepForward(model), hard_label_loss(), ctx.meta(role), recipe, cache_spec=spec)
 
 
 def obtain_teacher(ctx: RunContext) -> StageOutcome:
