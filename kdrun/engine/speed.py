@@ -26,15 +26,15 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Modules compiled in place share their class's `forward` code, and dynamo's recompile limit (8) counts
 # per code object: a teacher and a student of one family, each in training (with gradients) and in
-# evaluation (without), and at a last smaller batch, exhaust it and run eagerly from then on. Each
-# compiled module brings its own allowance instead.
-RECOMPILES_PER_MODULE = 4
+# evaluation (without), at full and at a last smaller batch, exhaust it and run eagerly from then on.
+# Each compiled module gets the whole default allowance instead, as if its forward were its own.
 _compiled: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _compiled_count = 0
+_default_limit: Optional[int] = None
 
 
 def _allow_recompiles(module: nn.Module) -> None:
-    global _compiled_count
+    global _compiled_count, _default_limit
     if module in _compiled:
         return
     _compiled.add(module)
@@ -43,7 +43,9 @@ def _allow_recompiles(module: nn.Module) -> None:
 
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    setattr(config, name, max(getattr(config, name), RECOMPILES_PER_MODULE * _compiled_count))
+    if _default_limit is None:
+        _default_limit = getattr(config, name)
+    setattr(config, name, max(getattr(config, name), _default_limit * _compiled_count))
 
 
 class _OneLineRecompileNotice(logging.Filter):

@@ -23,6 +23,8 @@ class _Entry:
 
 
 class Untimed:
+    """Models waiting to be timed (one per key) and, per model or combination, the dicts to fill in."""
+
     def __init__(self) -> None:
         self._models: dict[Hashable, tuple[nn.Module, Setup]] = {}
         self._entries: list[_Entry] = []
