@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +25,6 @@ from kdrun.errors import KdrunError
 from kdrun.models import check_model_name, create_model
 from kdrun.paths import model_preset
 
-log = logging.getLogger("kdrun")
 
 
 def plain(node: Any) -> Any:
@@ -69,8 +67,6 @@ class RunContext:
         if model_cfg.get("checkpoint"):
             load_model_weights(model, model_cfg.checkpoint, f"{role}.checkpoint", model_cfg.name,
                                self.data.num_classes)
-            if role != "teacher":  # obtain_teacher says where the teacher came from
-                log.info("%s: %s starts from the weights in %s", role, model_cfg.name, model_cfg.checkpoint)
         return model
 
     def meta(self, role: str) -> dict:

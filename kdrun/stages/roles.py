@@ -125,12 +125,20 @@ def obtain_teacher(ctx: RunContext) -> StageOutcome:
     return train_role(ctx, hard_label_role(ctx, "teacher", "teacher"))
 
 
+def _say_where_the_student_starts(ctx: RunContext) -> None:
+    """Once per stage that trains the student (not per build: the preflight builds it too)."""
+    if ctx.cfg.student.get("checkpoint"):
+        log.info("student: %s starts from the weights in %s", ctx.cfg.student.name, ctx.cfg.student.checkpoint)
+
+
 def obtain_baseline(ctx: RunContext) -> StageOutcome:
+    _say_where_the_student_starts(ctx)
     return train_role(ctx, hard_label_role(ctx, "baseline", "student"))
 
 
 def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float) -> StageOutcome:
     """The student (ctx's `student` role) trained with the run's distill method from `teacher`."""
+    _say_where_the_student_starts(ctx)
     model = ctx.build_model("student").to(ctx.device)
     # Frozen from here on: even a dummy probe in train mode would move the teacher's BatchNorm statistics.
     teacher.to(ctx.device).eval().requires_grad_(False)
