@@ -15,7 +15,7 @@ from kdrun.engine.speed import Speed, build_speed
 from kdrun.evaluation import cost, untimed
 from kdrun.evaluation.cost import UNRELIABLE_SPREAD, combine_costs, spread, time_models
 from kdrun.evaluation.table import model_table
-from kdrun.paradigms.result import ParadigmResult, combined_cost, model_metrics
+from kdrun.paradigms.result import ParadigmResult, combined_cost, model_metrics, time_models_of
 
 CPU = torch.device("cpu")
 TIMING_KEYS = {"latency_ms", "latency_spread", "throughput", "throughput_spread", "timing_reliable"}
@@ -119,6 +119,12 @@ def metrics_of(ctx, model, name, **extra):
     return model_metrics(ctx, model, name, logits, labels, **extra)
 
 
+def time_result(**fields) -> None:
+    """What the pipeline does with a paradigm's result: time its models together."""
+    result = ParadigmResult(**fields)
+    time_models_of(result.models, result.rows, result.extra)
+
+
 def test_a_runs_models_are_timed_together_once_its_result_is_built(tmp_path, timed_calls):
     ctx = fake_ctx(tmp_path / "run")
     teacher, baseline, student = conv(16), conv(4), conv(4)
@@ -130,8 +136,8 @@ def test_a_runs_models_are_timed_together_once_its_result_is_built(tmp_path, tim
     assert teacher_m["params"] > student_m["params"] == baseline_m["params"] and student_m["flops"] > 0
     assert timed_calls == [] and "latency_ms" not in student_m and "latency_ms" not in ensemble_m
 
-    ParadigmResult(models={"teacher": teacher_m, "baseline": baseline_m, "student": student_m,
-                           "ensemble": ensemble_m}, rows=[], history=[])
+    time_result(models={"teacher": teacher_m, "baseline": baseline_m, "student": student_m,
+                        "ensemble": ensemble_m}, rows=[], history=[])
     [models] = timed_calls  # one call: every model of the run, together
     assert len(models) == 2 and {id(m) for m in models.values()} == {id(teacher), id(baseline)}
     assert baseline_m["latency_ms"] == student_m["latency_ms"]  # one architecture, one measurement
@@ -148,10 +154,10 @@ def test_models_of_a_failed_run_are_not_timed_with_the_next_one(tmp_path, timed_
     failed = metrics_of(fake_ctx(tmp_path / "failed"), conv(8), "left behind")  # its run raised before its result
     ctx = fake_ctx(tmp_path / "next")
     student = metrics_of(ctx, conv(4), "narrow")
-    ParadigmResult(models={"student": student}, rows=[("distilled", student)], history=[])
+    time_result(models={"student": student}, rows=[("distilled", student)], history=[])
     assert [list(models) for models in timed_calls] == [[(str(tmp_path / "next"), "narrow", student["params"])]]
     assert "latency_ms" in student and "latency_ms" not in failed
-    ParadigmResult(models={}, rows=[], history=[])  # nothing waits any more
+    time_result(models={}, rows=[], history=[])  # nothing waits any more
     assert len(timed_calls) == 1
 
 

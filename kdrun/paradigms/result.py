@@ -37,10 +37,6 @@ class ParadigmResult:
     test_logits: dict[str, torch.Tensor] = field(default_factory=dict)   # for the reliability diagram
     labels: Optional[torch.Tensor] = None
 
-    def __post_init__(self) -> None:
-        # A paradigm builds its result once it has evaluated every model: the models are timed now, together.
-        time_models_of(self.models, self.rows, self.extra)
-
 
 def predict_test_split(ctx: RunContext, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return predict(model, ctx.data.test, ctx.cfg.batch_size, ctx.device)

@@ -26,6 +26,7 @@ from kdrun.engine.speed import build_speed
 from kdrun.errors import KdrunError
 from kdrun.models import check_model_name
 from kdrun.paradigms import PARADIGMS
+from kdrun.paradigms.result import time_models_of
 from kdrun.run.preflight import preflight
 from kdrun.run.results import run_metrics, write_results
 from kdrun.stages.context import RunContext
@@ -65,6 +66,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
     paradigm = PARADIGMS.get(paradigm_name(cfg), "paradigm.name")
     ctx = build_context(cfg, run_dir, overrides)
     result = paradigm(ctx)
+    time_models_of(result.models, result.rows, result.extra)  # the run's models, timed together, interleaved
     metrics = run_metrics(ctx, paradigm_name(cfg), result, started)
     write_results(ctx, result, metrics)
     return metrics
