@@ -107,7 +107,7 @@ LIGHT = {
     "misspelt group": (["distil=kd"], "did you mean 'distill'?"),
     "group option in the wrong case": (["distill=KD"], "unknown distill 'KD'"),
     "misspelt model key": (["teacher.nme=resnet18"], "did you mean 'name'?"),
-    "misspelt launcher": (["hydra/launcher=jobli"], "unknown option 'jobli' of hydra/launcher: choose one of"),
+    "misspelt launcher": (["hydra/launcher=jobli"], "unknown hydra/launcher 'jobli': choose one of basic, joblib"),
     "interpolation of nothing": (["tb_figures=${nope}"], "tb_figures: Interpolation key 'nope' not found"),
 }
 
