@@ -7,6 +7,7 @@ student distils from the assistant into RUN_DIR, both with the `distill` method.
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.models import check_model_name
@@ -15,11 +16,24 @@ from kdrun.paradigms.result import (ParadigmResult, evaluated_baseline, evaluate
                                     predict_test_split, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext, derive, plain
 from kdrun.stages.roles import distill_student
+from kdrun.stages.steps import Step, baseline_step, distill_step, teacher_step
 
 log = logging.getLogger("kdrun")
 
 
-@PARADIGMS.register("assistant")
+def assistant_steps(ctx: RunContext) -> Iterator[Step]:
+    assistant = plain(ctx.cfg.assistant)
+    teacher = teacher_step(ctx)
+    yield teacher
+    if ctx.cfg.baseline:
+        yield baseline_step(ctx)
+    middle = distill_step(derive(ctx, student=assistant), f"assistant {assistant['name']}", teacher.model, "assistant")
+    yield middle
+    yield distill_step(derive(ctx, teacher=assistant), f"student {ctx.cfg.student.name} (from the assistant)",
+                       middle.model)
+
+
+@PARADIGMS.register("assistant", preflight=assistant_steps)
 def run(ctx: RunContext) -> ParadigmResult:
     cfg = ctx.cfg
     assistant_cfg = plain(cfg.assistant)

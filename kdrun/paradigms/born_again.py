@@ -8,6 +8,7 @@ writes into RUN_DIR/gen<k>/ (checkpoints/, TensorBoard), the last one into RUN_D
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 from kdrun.engine.checkpoint import load_model_weights
 from kdrun.engine.group import ModelGroup, ensemble_logits
@@ -17,6 +18,7 @@ from kdrun.paradigms.result import (ParadigmResult, combined_cost, evaluated_tea
                                     predict_test_split, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext, derive, plain
 from kdrun.stages.roles import distill_student
+from kdrun.stages.steps import Step, distill_step, teacher_step
 from kdrun.tensorboard.writer import open_writer
 
 log = logging.getLogger("kdrun")
@@ -42,7 +44,16 @@ def load_generation(ctx: RunContext, k: int, generations: int):
     return model.to(ctx.device)
 
 
-@PARADIGMS.register("self")
+def self_steps(ctx: RunContext) -> Iterator[Step]:
+    """Every generation has the teacher's architecture: generation 1 stands for all of them."""
+    teacher = teacher_step(ctx)
+    yield teacher
+    generations = int(ctx.cfg.paradigm.get("generations", 2))
+    yield distill_step(generation_context(ctx, 1, generations), f"generation 1 {ctx.cfg.teacher.name}",
+                       teacher.model, "teacher")
+
+
+@PARADIGMS.register("self", preflight=self_steps)
 def run(ctx: RunContext) -> ParadigmResult:
     cfg = ctx.cfg
     generations = int(cfg.paradigm.get("generations", 2))

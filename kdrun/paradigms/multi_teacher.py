@@ -8,6 +8,7 @@ their weighted soft distribution.
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 import torch
 
@@ -20,6 +21,7 @@ from kdrun.paradigms.result import (ParadigmResult, combined_cost, evaluated_bas
                                     predict_test_split, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext, derive, model_config
 from kdrun.stages.roles import Role, obtain_teacher, train_role
+from kdrun.stages.steps import Step, baseline_step, teacher_step
 
 log = logging.getLogger("kdrun")
 
@@ -39,7 +41,24 @@ def combined_test_logits(teacher_logits: list[torch.Tensor], labels: torch.Tenso
     return mixture_log_probs(teacher_logits, teacher_weights(teacher_logits, labels, weighting, weights), T)
 
 
-@PARADIGMS.register("multi_teacher")
+def multi_teacher_steps(ctx: RunContext) -> Iterator[Step]:
+    configs = teacher_configs(ctx)
+    teachers = [teacher_step(derive(ctx, teacher=config)) for config in configs]
+    yield from teachers
+    if ctx.cfg.baseline:
+        yield baseline_step(ctx)
+    settings = ctx.cfg.paradigm
+    weights = list(settings.weights) if settings.get("weights") is not None else None
+
+    def build():
+        group = ModelGroup([teacher.model() for teacher in teachers])
+        group.to(ctx.device).eval().requires_grad_(False)
+        loss = multi_teacher_loss(ctx.cfg.alpha, ctx.cfg.T, settings.get("weighting", "mean"), weights)
+        return StepForward(ctx.build_model("student"), group), loss
+    yield Step(f"student {ctx.cfg.student.name}", "student", build, ctx.recipe("student"))
+
+
+@PARADIGMS.register("multi_teacher", preflight=multi_teacher_steps)
 def run(ctx: RunContext) -> ParadigmResult:
     cfg, settings = ctx.cfg, ctx.cfg.paradigm
     weighting = settings.get("weighting", "mean")

@@ -3,6 +3,7 @@ distilled from the teacher (Hinton, Vinyals & Dean 2015, and every method in con
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
@@ -10,11 +11,21 @@ from kdrun.paradigms.result import (ParadigmResult, evaluated_baseline, evaluate
                                     predict_test_split, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext
 from kdrun.stages.roles import distill_student
+from kdrun.stages.steps import Step, baseline_step, distill_step, teacher_step
 
 log = logging.getLogger("kdrun")
 
 
-@PARADIGMS.register("offline")
+def offline_steps(ctx: RunContext) -> Iterator[Step]:
+    """The teacher, the baseline and the distilled student (kdrun.run.preflight steps each once)."""
+    teacher = teacher_step(ctx)
+    yield teacher
+    if ctx.cfg.baseline:
+        yield baseline_step(ctx)
+    yield distill_step(ctx, f"student {ctx.cfg.student.name}", teacher.model)
+
+
+@PARADIGMS.register("offline", preflight=offline_steps)
 def run(ctx: RunContext) -> ParadigmResult:
     cfg = ctx.cfg
     teacher = evaluated_teacher(ctx)

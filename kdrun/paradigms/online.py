@@ -8,6 +8,7 @@ paper's per-peer updates computed from the same batch. No second training loop i
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 from kdrun.distill.mutual import mutual_learning_loss
 from kdrun.engine.checkpoint import save_model
@@ -21,6 +22,7 @@ from kdrun.paradigms.result import (ParadigmResult, combined_cost, log_test_scal
                                     predict_test_split)
 from kdrun.stages.context import RunContext, derive, model_config, plain
 from kdrun.stages.roles import Role, obtain_baseline, train_role
+from kdrun.stages.steps import Step, baseline_step
 from kdrun.tensorboard.writer import open_writer
 
 log = logging.getLogger("kdrun")
@@ -41,7 +43,20 @@ def build_peers(ctx: RunContext, configs: list[dict]) -> ModelGroup:
                        for k, c in enumerate(configs)])
 
 
-@PARADIGMS.register("online")
+def online_steps(ctx: RunContext) -> Iterator[Step]:
+    configs = peer_configs(ctx)
+    settings = ctx.cfg.paradigm
+
+    def build():
+        loss = mutual_learning_loss(len(configs), float(settings.get("T", 1.0)), float(settings.get("kl_weight", 1.0)))
+        return StepForward(build_peers(ctx, configs)), loss
+    yield Step(f"peers {', '.join(c['name'] for c in configs)}", "paradigm.peers", build, ctx.recipe("student"))
+    if ctx.cfg.baseline:
+        for config in {repr(sorted(c.items())): c for c in configs}.values():
+            yield baseline_step(derive(ctx, student=config))
+
+
+@PARADIGMS.register("online", preflight=online_steps)
 def run(ctx: RunContext) -> ParadigmResult:
     cfg, settings = ctx.cfg, ctx.cfg.paradigm
     if cfg.student.get("checkpoint"):

@@ -13,15 +13,16 @@ from kdrun.paradigms.registry import PARADIGMS
 from kdrun.paradigms.result import ParadigmResult, log_test_scalars, model_metrics, predict_test_split
 from kdrun.stages.context import RunContext
 from kdrun.stages.roles import StageOutcome, obtain_baseline, obtain_teacher
+from kdrun.stages.steps import baseline_step, teacher_step
 from kdrun.tensorboard.writer import open_writer
 
 
-@PARADIGMS.register("teacher")
+@PARADIGMS.register("teacher", preflight=lambda ctx: iter([teacher_step(ctx)]))
 def run_teacher(ctx: RunContext) -> ParadigmResult:
     return _one_stage(ctx, obtain_teacher(ctx), role="teacher", key="teacher")
 
 
-@PARADIGMS.register("baseline")
+@PARADIGMS.register("baseline", preflight=lambda ctx: iter([baseline_step(ctx)]))
 def run_baseline(ctx: RunContext) -> ParadigmResult:
     return _one_stage(ctx, obtain_baseline(ctx), role="student", key="baseline")
 

@@ -2,7 +2,7 @@
 
 A student that cannot take the dataset's image size, a BatchNorm model on batches of one image, a loss term
 that does not fit its models, an optimizer value torch refuses, a dataset of one class: each would otherwise
-fail after the teacher trained for minutes. Here, for every stage the paradigm will run (STEPS), its models
+fail after the teacher trained for minutes. Here, for every stage the paradigm will run (the steps it registers), its models
 are built as the stage builds them (checkpoints loaded), and take one step on a real batch of the training
 set: forward in train mode (the run's precision and memory layout, not compiled), loss, backward, the
 optimizer and schedule with the stage's real values, then a forward in eval mode. A batch of
@@ -21,8 +21,7 @@ import gc
 import logging
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,47 +29,18 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from kdrun.data import DataBundle, InMemoryDataset
-from kdrun.distill import DistillLoss, hard_label_loss
-from kdrun.distill.multi_teacher import multi_teacher_loss
-from kdrun.distill.mutual import mutual_learning_loss
 from kdrun.engine import distributed
-from kdrun.engine.checkpoint import load_model_weights
-from kdrun.engine.forward import StepForward
-from kdrun.engine.group import ModelGroup
 from kdrun.engine.loaders import Batches, check_batch_fits
 from kdrun.engine.optim import build_optimizer, build_scheduler
 from kdrun.engine.speed import Speed
-from kdrun.engine.trainer import Recipe
 from kdrun.errors import KdrunError, one_line
-from kdrun.paradigms.born_again import generation_context
-from kdrun.paradigms.multi_teacher import teacher_configs
-from kdrun.paradigms.online import build_peers, peer_configs
-from kdrun.stages.context import RunContext, derive, plain
-from kdrun.stages.roles import distill_forward, hard_label_role
+from kdrun.paradigms import PARADIGMS
+from kdrun.stages.context import RunContext
+from kdrun.stages.steps import Step, student_only
 
 log = logging.getLogger("kdrun")
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class Step:
-    """One stage's training step, built when the preflight reaches it."""
-    label: str                      # names the model in messages: "student cifar:vgg8 (baseline)"
-    role: str                       # the config key that chose the model, for hints: student, teacher, paradigm.peers
-    build: Callable[[], tuple[StepForward, DistillLoss]]
-    recipe: Optional[Recipe]        # None: the model only runs frozen (a teacher loaded from its checkpoint)
-    method: bool = False            # trains with the run's distill method (its terms' options may be at fault)
-    built: Optional[tuple[StepForward, DistillLoss]] = field(default=None, repr=False)
-
-    def parts(self) -> tuple[StepForward, DistillLoss]:
-        if self.built is None:
-            self.built = self.build()
-        return self.built
-
-    def model(self) -> nn.Module:
-        """The model this step trained, as a later step's teacher (built once: a teacher is often the largest)."""
-        return self.parts()[0].student
 
 
 def preflight(ctx: RunContext, paradigm: str) -> float:
@@ -82,7 +52,7 @@ def preflight(ctx: RunContext, paradigm: str) -> float:
     speed = Speed(ctx.speed.precision, ctx.speed.channels_last, False, ctx.speed.device_type)  # its own GradScaler
     with kept_random_state(ctx.device):
         batch = first_batch(ctx.data, min(2, smallest), ctx.device)
-        steps = take_steps(ctx, STEPS.get(paradigm, student_only)(ctx), batch, speed)
+        steps = take_steps(ctx, PARADIGMS.info(paradigm).get("preflight", student_only)(ctx), batch, speed)
     if ctx.device.type == "cuda":  # the preflight's models are gone: the stages get their memory
         gc.collect()
         torch.cuda.empty_cache()
@@ -90,121 +60,6 @@ def preflight(ctx: RunContext, paradigm: str) -> float:
     log.info("preflight: %d stage(s) took a training step on %d %s image(s) (%.2f s)", steps, len(batch[0]),
              "x".join(map(str, batch[0].shape[1:])), seconds)
     return seconds
-
-
-# --- what each paradigm trains -------------------------------------------------------------------------------
-
-def teacher_model(ctx: RunContext) -> nn.Module:
-    """The teacher as its stage gets it: built, and loaded from its checkpoint when it has one."""
-    model = ctx.build_model("teacher")
-    if ctx.cfg.teacher.checkpoint:
-        load_model_weights(model, ctx.cfg.teacher.checkpoint, "teacher.checkpoint", ctx.cfg.teacher.name,
-                           ctx.data.num_classes)
-    return model
-
-
-def teacher_step(ctx: RunContext) -> Step:
-    """Trained on hard labels, or (from a checkpoint) run frozen."""
-    label = f"teacher {ctx.cfg.teacher.name}"
-    if ctx.cfg.teacher.checkpoint:
-        return Step(label, "teacher", lambda: (StepForward(teacher_model(ctx)), hard_label_loss()), None)
-    return hard_label_step(ctx, "teacher", "teacher", label)
-
-
-def hard_label_step(ctx: RunContext, stage: str, role: str, label: str) -> Step:
-    def build():
-        built = hard_label_role(ctx, stage, role)
-        return built.forward, built.loss
-    return Step(label, role, build, ctx.recipe(role))
-
-
-def baseline_step(ctx: RunContext) -> Step:
-    return hard_label_step(ctx, "baseline", "student", f"student {ctx.cfg.student.name} (baseline)")
-
-
-def distill_step(ctx: RunContext, label: str, teacher: Callable[[], nn.Module], role: str = "student") -> Step:
-    """ctx's student learning from `teacher()` with the run's method (feature taps, adapters, strong views)."""
-    def build():
-        model = ctx.build_model("student").to(ctx.device)
-        frozen = teacher().to(ctx.device).eval().requires_grad_(False)
-        return distill_forward(ctx, model, frozen, cached_teacher=False)  # never writes the teacher cache
-    return Step(label, role, build, ctx.recipe("student"), method=True)
-
-
-def offline_steps(ctx: RunContext) -> Iterator[Step]:
-    teacher = teacher_step(ctx)
-    yield teacher
-    if ctx.cfg.baseline:
-        yield baseline_step(ctx)
-    yield distill_step(ctx, f"student {ctx.cfg.student.name}", teacher.model)
-
-
-def online_steps(ctx: RunContext) -> Iterator[Step]:
-    configs = peer_configs(ctx)
-    settings = ctx.cfg.paradigm
-
-    def build():
-        loss = mutual_learning_loss(len(configs), float(settings.get("T", 1.0)), float(settings.get("kl_weight", 1.0)))
-        return StepForward(build_peers(ctx, configs)), loss
-    yield Step(f"peers {', '.join(c['name'] for c in configs)}", "paradigm.peers", build, ctx.recipe("student"))
-    if ctx.cfg.baseline:
-        for config in {repr(sorted(c.items())): c for c in configs}.values():
-            yield baseline_step(derive(ctx, student=config))
-
-
-def multi_teacher_steps(ctx: RunContext) -> Iterator[Step]:
-    configs = teacher_configs(ctx)
-    teachers = [teacher_step(derive(ctx, teacher=config)) for config in configs]
-    yield from teachers
-    if ctx.cfg.baseline:
-        yield baseline_step(ctx)
-    settings = ctx.cfg.paradigm
-    weights = list(settings.weights) if settings.get("weights") is not None else None
-
-    def build():
-        group = ModelGroup([teacher.model() for teacher in teachers])
-        group.to(ctx.device).eval().requires_grad_(False)
-        loss = multi_teacher_loss(ctx.cfg.alpha, ctx.cfg.T, settings.get("weighting", "mean"), weights)
-        return StepForward(ctx.build_model("student"), group), loss
-    yield Step(f"student {ctx.cfg.student.name}", "student", build, ctx.recipe("student"))
-
-
-def assistant_steps(ctx: RunContext) -> Iterator[Step]:
-    assistant = plain(ctx.cfg.assistant)
-    teacher = teacher_step(ctx)
-    yield teacher
-    if ctx.cfg.baseline:
-        yield baseline_step(ctx)
-    middle = distill_step(derive(ctx, student=assistant), f"assistant {assistant['name']}", teacher.model, "assistant")
-    yield middle
-    yield distill_step(derive(ctx, teacher=assistant), f"student {ctx.cfg.student.name} (from the assistant)",
-                       middle.model)
-
-
-def self_steps(ctx: RunContext) -> Iterator[Step]:
-    """Every generation has the teacher's architecture: generation 1 stands for all of them."""
-    teacher = teacher_step(ctx)
-    yield teacher
-    generations = int(ctx.cfg.paradigm.get("generations", 2))
-    yield distill_step(generation_context(ctx, 1, generations), f"generation 1 {ctx.cfg.teacher.name}",
-                       teacher.model, "teacher")
-
-
-def student_only(ctx: RunContext) -> Iterator[Step]:
-    """A paradigm this table does not know (registered elsewhere): at least its student."""
-    yield baseline_step(ctx)
-
-
-# paradigm name -> the steps of its stages (tests/test_preflight.py checks that every registered paradigm has one)
-STEPS: dict[str, Callable[[RunContext], Iterator[Step]]] = {
-    "offline": offline_steps,
-    "teacher": lambda ctx: iter([teacher_step(ctx)]),
-    "baseline": lambda ctx: iter([baseline_step(ctx)]),
-    "online": online_steps,
-    "multi_teacher": multi_teacher_steps,
-    "assistant": assistant_steps,
-    "self": self_steps,
-}
 
 
 # --- the step --------------------------------------------------------------------------------------------------
