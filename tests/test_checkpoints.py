@@ -255,7 +255,8 @@ class Interrupt(Exception):
     """Stands for a kill between two epochs."""
 
 
-def test_an_interrupted_build_resumes_from_its_partial_directory(tmp_path, caplog):
+def interrupted_teacher_build(tmp_path):
+    """A 2-epoch teacher stage stopped after its first epoch: its run context and cache entry."""
     ctx = context(tmp_path, "epochs=2", "teacher.name=cifar:resnet8")
     role = hard_label_role(ctx, "teacher", "teacher")
     entry = CacheEntry(ctx.cache_root, "teacher", stage_key(role.cache_spec))
@@ -266,6 +267,11 @@ def test_an_interrupted_build_resumes_from_its_partial_directory(tmp_path, caplo
     role.on_epoch = stop_after_the_first_epoch
     with pytest.raises(Interrupt):
         train_role(ctx, role)
+    return ctx, entry
+
+
+def test_an_interrupted_build_resumes_from_its_partial_directory(tmp_path, caplog):
+    ctx, entry = interrupted_teacher_build(tmp_path)
     assert not entry.directory.exists()  # no entry without its model
     assert {p.name for p in entry.build_directory.iterdir()} >= {"last.pt", "spec.json"}
     with caplog.at_level(logging.INFO, logger="kdrun"):
@@ -277,16 +283,7 @@ def test_an_interrupted_build_resumes_from_its_partial_directory(tmp_path, caplo
 
 def test_an_unfinished_build_of_an_earlier_kdrun_is_resumed(tmp_path, caplog):
     """Earlier versions trained in <key>/ itself: progress without model.pt there becomes the build directory."""
-    ctx = context(tmp_path, "epochs=2", "teacher.name=cifar:resnet8")
-    role = hard_label_role(ctx, "teacher", "teacher")
-    entry = CacheEntry(ctx.cache_root, "teacher", stage_key(role.cache_spec))
-
-    def stop_after_the_first_epoch(epoch, record):
-        raise Interrupt
-
-    role.on_epoch = stop_after_the_first_epoch
-    with pytest.raises(Interrupt):
-        train_role(ctx, role)
+    ctx, entry = interrupted_teacher_build(tmp_path)
     entry.build_directory.rename(entry.directory)
     with caplog.at_level(logging.INFO, logger="kdrun"):
         outcome = train_role(ctx, hard_label_role(ctx, "teacher", "teacher"))

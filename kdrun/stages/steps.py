@@ -11,7 +11,6 @@ from typing import Callable, Iterator, Optional
 from torch import nn
 
 from kdrun.distill import DistillLoss, hard_label_loss
-from kdrun.engine.checkpoint import load_model_weights
 from kdrun.engine.forward import StepForward
 from kdrun.engine.trainer import Recipe
 from kdrun.stages.context import RunContext
@@ -38,20 +37,12 @@ class Step:
         return self.parts()[0].student
 
 
-def teacher_model(ctx: RunContext) -> nn.Module:
-    """The teacher as its stage gets it: built, and loaded from its checkpoint when it has one."""
-    model = ctx.build_model("teacher")
-    if ctx.cfg.teacher.checkpoint:
-        load_model_weights(model, ctx.cfg.teacher.checkpoint, "teacher.checkpoint", ctx.cfg.teacher.name,
-                           ctx.data.num_classes)
-    return model
-
-
 def teacher_step(ctx: RunContext) -> Step:
     """Trained on hard labels, or (from a checkpoint) run frozen."""
     label = f"teacher {ctx.cfg.teacher.name}"
     if ctx.cfg.teacher.checkpoint:
-        return Step(label, "teacher", lambda: (StepForward(teacher_model(ctx)), hard_label_loss()), None)
+        # build_model loads the checkpoint's weights: the teacher only runs frozen
+        return Step(label, "teacher", lambda: (StepForward(ctx.build_model("teacher")), hard_label_loss()), None)
     return hard_label_step(ctx, "teacher", "teacher", label)
 
 
