@@ -24,7 +24,9 @@ setup does not count; ru_maxrss itself would start from the parent's peak, see _
 "peak MB" is the whole process at its peak (torch's runtime, models, data included) and "+MB" that
 peak minus the resident set before the epoch (activations, gradients, optimizer state, batches). One
 process per variant, so one variant's peak never hides another's. On CUDA: torch.cuda's peak of
-allocated tensor memory over a second epoch (after a warm-up one).
+allocated tensor memory over a second epoch (after a warm-up one); the timed epochs also record it in
+this process (`cuda_peak_mb`, and `cuda_delta_mb` over what was allocated before the epoch), so
+--skip-memory still reports GPU memory.
 """
 from __future__ import annotations
 
@@ -255,17 +257,28 @@ def time_variants(args, device, cache_root: Path) -> dict:
         run(0)  # warm-up: allocator, oneDNN/cuDNN algorithm choice, compilation
         runs[variant] = (run, images)
     seconds = {variant: [] for variant in runs}
+    cuda_mb = {variant: (0.0, 0.0) for variant in runs}  # (peak allocated, peak minus allocated before)
     order = list(runs)
     for round_index in range(args.rounds):
         shift = round_index % len(order)
         for variant in order[shift:] + order[:shift]:  # rotate, so no variant always runs first
             run, images = runs[variant]
+            if device.type == "cuda":  # in this process, per epoch: no subprocess per variant needed
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             seconds[variant].append(run(round_index + 1))
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device)
+                cuda_mb[variant] = (max(cuda_mb[variant][0], peak / 2**20),
+                                    max(cuda_mb[variant][1], (peak - before) / 2**20))
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
             f"{v} {runs[v][1] / seconds[v][-1]:.0f}" for v in order) + " images/s", file=sys.stderr)
     return {variant: {"images_per_s": runs[variant][1] / statistics.median(values),
                       "median_s": statistics.median(values), "seconds": [round(s, 4) for s in values],
-                      "images": runs[variant][1]} for variant, values in seconds.items()}
+                      "images": runs[variant][1],
+                      **({"cuda_peak_mb": round(cuda_mb[variant][0], 1), "cuda_delta_mb": round(cuda_mb[variant][1], 1)}
+                         if device.type == "cuda" else {})}
+            for variant, values in seconds.items()}
 
 
 def _rss_mb() -> float:
