@@ -67,7 +67,9 @@ class ImageFolderDataset(DatasetConfig):
     in_chans: int = 3                 # 3 (RGB) or 1 (grayscale)
     mean: Optional[List[float]] = None  # per channel; null: ImageNet's (grayscale: the average of its channels)
     std: Optional[List[float]] = None
-    num_workers: int = 2              # DataLoader worker processes
+    num_workers: int = 2              # DataLoader worker processes (also the decoding processes of a pack)
+    pack: bool = False                # decode + resize once into a memory-mapped uint8 file; crop on the device
+    pack_dir: str = "outputs/cache/packed"   # where packs live (relative: from the launch directory)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from kdrun.config.groups import ImageFolderDataset
 from kdrun.data.bundle import DataBundle, Item
 from kdrun.data.options import (absolute_path, read_options, require_bool, require_channel_stats,
                                 require_int)
+from kdrun.data.packed import packed_bundle, wants_pack
 from kdrun.data.registry import DATASETS
 from kdrun.errors import KdrunError, one_line
 
@@ -68,6 +69,8 @@ def build_imagefolder(cfg: Mapping[str, Any]) -> DataBundle:
     loader = partial(load_image, mode=PIL_MODES[in_chans])
     train = _image_folder(train_dir, train_transform, loader)
     test = _image_folder(val_dir, eval_transform, loader)
+    if wants_pack(options):  # decoded once into memory-mapped uint8 files, cropped on the device
+        return packed_bundle(train, test, options, size, augment, in_chans, mean, std)
     return DataBundle(name="imagefolder", train=IndexedDataset(train), test=IndexedDataset(test),
                       num_classes=len(train.classes), in_chans=in_chans, image_size=(size, size),
                       class_names=list(train.classes), mean=mean, std=std)
