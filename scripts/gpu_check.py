@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -122,14 +123,20 @@ class Check:
             log(f"{name}: skipped (budget)")
             return
         log(f"{name}: started ({self.remaining():.0f} s of the budget left)")
-        started = time.monotonic()
+        started, cpu = time.monotonic(), children_cpu_s()
         try:
             result = {"status": "ok", **measure(max(5.0, self.remaining()))}
         except Exception as err:  # recorded; the next section runs
             result = {"status": "failed", "error": f"{type(err).__name__}: {flat(err)}"}
         result["seconds"] = round(time.monotonic() - started, 1)
+        result["cpu_s"] = round(children_cpu_s() - cpu, 1)  # of its processes: on a busy machine, the steadier figure
         self.report["sections"][name] = result
         log(f"{name}: {result['status']} in {result['seconds']} s" + (f" ({result['error']})" if "error" in result else ""))
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def log(message: str) -> None:
@@ -370,6 +377,7 @@ def main(argv=None) -> None:
         check.section(name, estimate, measure)
     check.report["targets"] = targets(check.report)
     check.report["seconds"] = round(time.monotonic() - check.started, 1)
+    check.report["cpu_s"] = round(children_cpu_s(), 1)
     text = json.dumps(check.report, indent=2)
     out = Path(args.out) if args.out else check.work / "gpu_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)

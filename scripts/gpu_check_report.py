@@ -61,7 +61,8 @@ def markdown(report: dict) -> str:
              "",
              f"driver {env.get('driver') or '-'}, CUDA {env.get('cuda_runtime') or '-'}, cuDNN {env.get('cudnn') or '-'}, "
              f"torch {env.get('torch', '-')}, torchvision {env.get('torchvision', '-')}, timm {env.get('timm', '-')}, "
-             f"Python {env.get('python', '-')}, {env.get('cpu_count', '-')} CPUs; whole check {report.get('seconds', '-')} s",
+             f"Python {env.get('python', '-')}, {env.get('cpu_count', '-')} CPUs; whole check {report.get('seconds', '-')} s "
+             f"({report.get('cpu_s', '-')} CPU seconds)",
              "",
              "### Training throughput (scripts/bench.py: images/s, median epoch; GPU MB: peak allocated in the epoch)",
              "",
@@ -110,8 +111,9 @@ def markdown(report: dict) -> str:
         probe = ddp["probe"]
         lines.append(f"| torchrun --nproc_per_node={ddp['cli']['processes']} through the CLI; DDP probe | "
                      f"run {ddp['cli']['status']}; {probe['backend']} all-reduce {probe['all_reduce']} | completed | pass |")
-    lines += ["", "### Sections", "", "| section | status | seconds | note |", "| --- | --- | --- | --- |"]
+    lines += ["", "### Sections", "", "| section | status | seconds | CPU seconds | note |", "| --- | --- | --- | --- | --- |"]
     for name, section in sections.items():
         note = section.get("error") or section.get("reason") or "; ".join(section.get("errors", []))
-        lines.append(f"| {name} | {section['status']} | {section.get('seconds', '-')} | {str(note)[:200]} |")
+        lines.append(f"| {name} | {section['status']} | {section.get('seconds', '-')} | {section.get('cpu_s', '-')} "
+                     f"| {str(note)[:200]} |")
     return "\n".join(lines)
