@@ -44,7 +44,7 @@ DATASET_PRESETS = {
     "fashion_mnist": {"name": "fashion_mnist", **TORCHVISION_SET},
     "imagefolder": {"name": "imagefolder", "root": None, "train_dir": "train", "val_dir": "val", "image_size": 224,
                     "augment": True, "in_chans": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                    "num_workers": 2},
+                    "num_workers": 2, "pack": False, "pack_dir": "outputs/cache/packed"},
     "synthetic": {"name": "synthetic", "num_classes": 10, "train_size": 256, "test_size": 64, "image_size": 32,
                   "in_chans": 3, "seed": 0},
 }
