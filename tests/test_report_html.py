@@ -19,6 +19,8 @@ from torch import nn
 
 from kdrun.run_files import SOFT_TARGETS_FILE
 from kdrun.sweeps.report import main
+from kdrun.tensorboard.figures import displayable
+from kdrun.tensorboard.soft_target_record import SoftTargetRecord
 from kdrun.tensorboard.soft_targets import figure_positions, soft_target_logger
 from kdrun.tensorboard.writer import open_writer
 from test_report import make_run, metrics
@@ -79,17 +81,24 @@ def test_record_holds_the_exact_logits_and_a_resumed_run_keeps_its_earlier_epoch
 
     # A resumed process (same images, same T) keeps epochs 0-1 and records epoch 2 again; a run
     # with another T starts its record afresh.
-    with torch.no_grad():
-        student[1].bias.add_(1.0)
-    resumed = soft_target_logger(open_writer(tmp_path), data, student, teacher, 2.5, 2, torch.device("cpu"))
-    resumed(1, {})
+    def reopen(T):
+        pixels = [displayable(data.test[i][0], data.mean, data.std) for i in positions]
+        return SoftTargetRecord(tmp_path, T, data.class_names, positions, record_labels(record), pixels,
+                                stored_teacher)
+
+    resumed = reopen(2.5)
+    assert resumed.has_epoch(0) and resumed.has_epoch(2)
+    resumed.add_epoch(2, torch.ones(2, 3))
     again = json.loads((tmp_path / SOFT_TARGETS_FILE).read_text())
     assert [entry["epoch"] for entry in again["epochs"]] == [0, 1, 2]
-    assert again["epochs"][:2] == record["epochs"][:2]
-    assert torch.equal(torch.tensor(again["epochs"][2]["student_logits"], dtype=torch.float32),
-                       student(images).detach())
-    soft_target_logger(open_writer(tmp_path), data, student, teacher, 4.0, 2, torch.device("cpu"))
-    assert [entry["epoch"] for entry in json.loads((tmp_path / SOFT_TARGETS_FILE).read_text())["epochs"]] == [0]
+    assert again["epochs"][:2] == record["epochs"][:2] and again["epochs"][2]["student_logits"] == [[1.0] * 3] * 2
+    resumed.add_epoch(1, torch.zeros(2, 3))  # epoch 2 of the earlier attempt is not this run's history
+    assert [entry["epoch"] for entry in json.loads((tmp_path / SOFT_TARGETS_FILE).read_text())["epochs"]] == [0, 1]
+    assert not reopen(4.0).has_epoch(0)
+
+
+def record_labels(record: dict) -> list[int]:
+    return [image["label"] for image in record["images"]]
 
 
 # ---- the browser --------------------------------------------------------------------------------
