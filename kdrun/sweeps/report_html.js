@@ -168,7 +168,8 @@
           " classes (teacher, T=1) and the true class"})] : [];
       var node = el("div", {"class": "sample", "data-image": String(i)}, [
         el("figure", {"class": "thumb"}, [thumb, caption]), grid.node,
-        el("div", {"class": "kl-box"}, [klText, klPlot.node, el("div", {"class": "kl-axis",
+        el("div", {"class": "kl-box"}, [el("div", {"class": "kl-label", text: "KL(soft targets \u2016 student)"}),
+          klText, klPlot.node, el("div", {"class": "kl-axis",
           text: "epoch " + epochs[0].epoch + " \u2026 " + epochs[epochs.length - 1].epoch})].concat(partial))]);
       holder.appendChild(node);
       var teacherLog1 = logSoftmax(image.teacher_logits, 1);
@@ -189,7 +190,7 @@
         s.grid.set("student", probabilities(studentLog), "student, T=" + formatT(T) + ", epoch " + entry.epoch);
         var value = kl(target, studentLog);
         s.klText.setAttribute("data-kl", value === null ? "" : String(value));
-        s.klText.textContent = "KL(soft targets \u2016 student) = " + (value === null ? "n/a" : value.toFixed(4));
+        s.klText.textContent = value === null ? "n/a" : Math.max(0, value).toFixed(4);  // never "-0.0000"
         s.klPlot.set(epochs.map(function (e) { return kl(target, logSoftmax(e.student_logits[s.i], T)); }),
           state.index);
       });

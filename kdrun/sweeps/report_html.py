@@ -44,8 +44,8 @@ def read_soft_targets(run_dir: Path) -> tuple[Optional[dict], str]:
     """The run's soft_targets.json, or None and why the page has no panels for it."""
     path = run_dir / SOFT_TARGETS_FILE
     if not path.is_file():
-        return None, (f"no {SOFT_TARGETS_FILE}: the run drew no soft-target figures (tb_figures=0, a paradigm "
-                      "without a distillation stage, or a kdrun older than the file)")
+        return None, (f"no {SOFT_TARGETS_FILE}: the run drew no soft-target figures (tb_figures=0; the teacher "
+                      "and baseline paradigms, online and multi_teacher draw none; or it has not begun distilling)")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
