@@ -84,8 +84,8 @@ def _table(report: Report) -> str:
         links = ", ".join(f'<a href="#{run_anchor(report, run)}">{html.escape(run_name(report, run))}</a>'
                           for run in row.runs)
         body.append("<tr>" + "".join(f"<td>{html.escape(text)}</td>" for text in line) + f"<td>{links}</td></tr>")
-    return (f'<table class="summary sortable"><thead><tr>{head}<th scope="col">runs</th></tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+    return (f'<div class="table-wrap"><table class="summary sortable"><thead><tr>{head}<th scope="col">runs</th>'
+            f'</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
 
 def _plots(plots: list[Path]) -> str:
