@@ -97,7 +97,7 @@ def _plots(plots: list[Path]) -> str:
             continue
         name = html.escape(plot.stem.replace("_", " "))
         figures.append(f'<figure class="plot"><img alt="{name}" src="data:image/png;base64,{encoded}">'
-                       f"<figcaption>{name}</figcaption></figure>")
+                       f"<figcaption>{html.escape(plot.name)}</figcaption></figure>")
     return "".join(figures) or "<p class=\"note\">No plots: no run has completed yet.</p>"
 
 
