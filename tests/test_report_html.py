@@ -26,8 +26,9 @@ from kdrun.tensorboard.writer import open_writer
 from test_report import make_run, metrics
 
 TOLERANCE = 1e-6
-# A tiny distillation: 2 figure images, 2 epochs, no baseline (a few seconds of training).
-RUN_ARGS = ("epochs=2", "tb_figures=2", "baseline=false", "dataset.train_size=64", "dataset.test_size=32")
+# A tiny distillation: 2 figure images, 2 epochs, no baseline, 8x8 images (the later value of a key wins).
+RUN_ARGS = ("epochs=2", "tb_figures=2", "baseline=false", "dataset.image_size=8", "dataset.train_size=64",
+            "dataset.test_size=32")
 
 
 def softmax(logits, T):
