@@ -17,6 +17,8 @@ except ImportError:  # Windows: no flock; a pid check stands in for it
     fcntl = None
 
 METRICS_FILE = "metrics.json"
+# The logits behind the soft-target figures (kdrun/tensorboard/soft_target_record.py), for report.html.
+SOFT_TARGETS_FILE = "soft_targets.json"
 # Held (flock) by the process that runs the run, removed when it ends: kdrun-report tells a live run
 # from one killed by SIGTERM/SIGKILL, whose lock the kernel released with the process.
 RUN_LOCK = ".kdrun.lock"

@@ -50,3 +50,15 @@ def test_installed_kdrun_help_prints_the_readme_it_ships(installed_site, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("### metrics.json") and "gain_over_baseline" in proc.stdout
     assert not (installed_site / "README.md").exists()  # read from kdrun-*.dist-info/METADATA
+
+
+def test_installed_kdrun_inlines_the_report_page_script_and_style(installed_site, tmp_path):
+    """report.html's script and style are files of the package: the wheel must carry them."""
+    env = {**os.environ, "PYTHONPATH": str(installed_site)}
+    code = ("import kdrun.sweeps.report_html as h; from importlib import resources; "
+            "print(h.__file__); print(len(resources.files('kdrun.sweeps').joinpath('report_html.js').read_text()))")
+    probe = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    module, size = probe.stdout.split()
+    assert Path(module).parent == installed_site / "kdrun" / "sweeps" and int(size) > 1000
+    assert (installed_site / "kdrun" / "sweeps" / "report_html.css").is_file()

@@ -6,8 +6,8 @@ of its composed config, .hydra/config.yaml), teacher / baseline / student top-1,
 params, latency and status. Completed runs that differ only in `seed` share a row: mean +- sample
 standard deviation over their seeds, or over repeats of one seed (said so: `0x2`). A run without
 metrics.json is `running` while a process holds its lock (kdrun/run_files.py), else `interrupted`.
-The report is printed and written into PATH (or --out DIR) as summary.csv, summary.md and PNG plots
-(report_plots.py). A Hydra callback writes it at the end of every multirun (report_callback.py).
+The report is printed and written into PATH (or --out DIR) as summary.csv, summary.md, PNG plots
+(report_plots.py) and an interactive report.html (report_html.py). A Hydra callback writes it at the end of every multirun (report_callback.py).
 
 Only the standard library and PyYAML load here (matplotlib when plotting): the report is fast.
 """
@@ -339,13 +339,17 @@ def write_csv(report: Report, path: Path) -> None:
 
 
 def write_files(report: Report, out: Path) -> list[str]:
-    """summary.csv, summary.md and the plots into `out`; their names. Raises OSError when `out` is not writable."""
+    """summary.csv, summary.md, the plots and report.html into `out`; their names. Raises OSError when `out`
+    is not writable."""
+    from kdrun.sweeps.report_html import HTML_FILE, write_html
     from kdrun.sweeps.report_plots import accuracy_plots
 
     out.mkdir(parents=True, exist_ok=True)
     write_csv(report, out / CSV_FILE)
     write_markdown(report, out / MARKDOWN_FILE)
-    return [CSV_FILE, MARKDOWN_FILE, *(p.name for p in accuracy_plots(report, out))]
+    plots = accuracy_plots(report, out)
+    write_html(report, out / HTML_FILE, plots)
+    return [CSV_FILE, MARKDOWN_FILE, *(p.name for p in plots), HTML_FILE]
 
 
 def write_report(root: Path, out: Optional[Path] = None) -> str:
@@ -358,7 +362,7 @@ def write_report(root: Path, out: Optional[Path] = None) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="kdrun-report", description="Summarise every kdrun run under PATH: "
-                                     "print a table, write summary.csv, summary.md and PNG plots into PATH.")
+                                     "print a table, write summary.csv, summary.md, PNG plots and report.html into PATH.")
     parser.add_argument("path", help="a run directory, a sweep directory or a tree of them (e.g. outputs)")
     parser.add_argument("--out", metavar="DIR", help="write summary.csv, summary.md and the plots here "
                         "instead of into PATH (e.g. when PATH is read-only)")
