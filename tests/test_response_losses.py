@@ -414,3 +414,34 @@ def test_mlkd_logit_standardization_touches_the_instance_level_only_by_default()
     assert one_view(context(s64, t64)).item() == pytest.approx(expected, rel=1e-12)
     with pytest.raises(KdrunError, match="standardize_levels"):
         MLKDTerm(standardize_levels="batch")
+
+
+def test_presets_carry_the_authors_released_defaults():
+    def terms(*overrides):
+        distill = compose_distill(*overrides)
+        return {name: spec for name, spec in distill["terms"].items()}, distill
+
+    dist, _ = terms("distill=dist")
+    assert dist["dist"]["weight"] == 2.0 and (dist["dist"]["beta"], dist["dist"]["gamma"]) == (1.0, 1.0)
+    mlkd, _ = terms("distill=mlkd")
+    assert (mlkd["ce"]["weight"], mlkd["mlkd"]["weight"], mlkd["mlkd"]["mask"]) == (0.1, 0.9, "sample")
+    kd_ls, method = terms("distill=kd_ls", "T=4")
+    assert method["logit_standardize"] and (kd_ls["ce"]["weight"], kd_ls["kd"]["weight"], kd_ls["kd"]["T"]) == (0.1, 9.0, 2.0)
+    loss = build_loss(compose_distill("distill=dkd_ls"))
+    dkd = loss.terms["dkd"]
+    assert (dkd.alpha, dkd.beta, dkd.T, dkd.logit_standardize, loss.weights["ce"]) == (9.0, 72.0, 2.0, True, 1.0)
+    loss = build_loss(compose_distill("distill=mlkd_ls"))
+    mlkd = loss.terms["mlkd"]
+    assert mlkd.temperatures == (2.0, 3.0, 5.0, 2.0, 6.0) and mlkd.logit_standardize
+    assert mlkd.standardize_levels == "instance" and mlkd.needs_strong_view
+    assert (loss.weights["ce"], loss.weights["mlkd"]) == (0.1, 9.0)
+
+
+@pytest.mark.parametrize("experiment,weight", [("cifar100_wrn_40_2_wrn_16_2", 5.0), ("cifar100_resnet32x4_resnet8x4", 5.0),
+                                               ("cifar100_resnet32x4_shufflenetv2", 8.0),
+                                               ("cifar100_resnet56_resnet20", 0.6), ("cifar100_vgg13_vgg8", 1.0)])
+def test_experiment_files_set_the_reviewkd_authors_weight_per_pair(experiment, weight):
+    distill = compose_distill("distill=reviewkd", f"experiment={experiment}")
+    assert distill["terms"]["reviewkd"]["weight"] == weight
+    # Another method is untouched by the pair's ReviewKD weight.
+    assert set(compose_distill(f"experiment={experiment}")["terms"]) == {"ce", "kd"}

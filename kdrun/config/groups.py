@@ -98,11 +98,14 @@ class DistillMethod:
     terms: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     student_layers: Optional[List[str]] = None   # feature methods: name layers to pair, instead of matching stages
     teacher_layers: Optional[List[str]] = None
+    # A term weight its authors tuned per teacher/student pair, set by a conf/experiment/ file and read by the
+    # method that uses it (reviewkd.yaml: `weight: ${oc.select:distill.pair_weights.reviewkd,1.0}`).
+    pair_weights: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class LogitStandardizedMethod(DistillMethod):
-    """kd, dkd, mlkd: their terms read `${distill.logit_standardize}` (Sun et al., CVPR 2024)."""
+    """kd, dkd, mlkd and their LS presets: their terms read `${distill.logit_standardize}` (Sun et al., CVPR 2024)."""
     logit_standardize: bool = False
 
 

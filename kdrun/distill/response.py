@@ -59,7 +59,7 @@ class KDTerm(nn.Module):
         return kd_divergence(student, teacher, self.T)
 
 
-# --- Logit standardization (Sun, Zhu, Luo, Liu & Zhu, CVPR 2024) -------------------------------------
+# --- Logit standardization (Sun, Ren, Li, Wang & Cao, CVPR 2024) -------------------------------------
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Z-score each sample's logits over the classes: (z - mean(z)) / (std(z) + eps).
