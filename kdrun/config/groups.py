@@ -37,8 +37,15 @@ from omegaconf import MISSING
 
 @dataclass
 class DatasetConfig:
-    """What every dataset config has: its registered name (kdrun.data.registry.DATASETS)."""
+    """What every dataset config has: its registered name (kdrun.data.registry.DATASETS), and the share of the
+    training set held out for validation (kdrun/data/validation.py), which the builders never see."""
     name: str = MISSING
+    val_split: float = 0.0            # 0: validate on the test split (as the papers); else a stratified fraction
+    val_split_seed: int = 0           # of the training set, drawn with this seed, picks the best epoch
+
+
+# Keys of every dataset config that kdrun.data applies after the builder (not passed to it).
+VALIDATION_KEYS = ("val_split", "val_split_seed")
 
 
 @dataclass
