@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from kdrun.errors import KdrunError
 
 # Term options (by term type) that weigh parts of the term's loss: negative ones maximize that part.
-TERM_PART_WEIGHTS = {"dkd": ("alpha", "beta"), "dist": ("beta", "gamma")}
+TERM_PART_WEIGHTS = {"dkd": ("alpha", "beta"), "dist": ("beta", "gamma"), "nkd": ("gamma",)}
 # Term options that are temperatures (divisors of logits or similarities): > 0.
 TERM_TEMPERATURES = ("T", "nce_t")
 
