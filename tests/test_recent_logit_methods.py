@@ -32,7 +32,7 @@ def context(student=STUDENT, teacher=TEACHER, epoch=0, grad=False):
 # --- NKD ------------------------------------------------------------------------------------------------
 
 def nkd_reference(student, teacher, targets, gamma, lam):
-    """Yang et al. 2023, Eq. (8): -T_t log S_t - gamma lambda^2 sum_{i != t} N(T_i^lambda) log N(S_i^lambda),
+    """Yang et al. 2023: -T_t log S_t - gamma lambda^2 sum_{i != t} N(T_i^lambda) log N(S_i^lambda),
     N(p_i) = p_i / (1 - p_t): the full softmax renormalized over the non-target classes."""
     total = 0.0
     for s, t, y in zip(student, teacher, targets):

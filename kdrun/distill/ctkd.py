@@ -1,4 +1,4 @@
-"""CTKD (Li, Li, Yang, Zhang, Yang, Xu, Zhao & Li, AAAI 2023): a learnable temperature trained adversarially,
+"""CTKD (Li, Li, Yang, Zhao, Song, Luo, Li & Yang, AAAI 2023): a learnable temperature trained adversarially,
 with a curriculum on the adversarial strength."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class _ReverseGradient(torch.autograd.Function):
 
 def curriculum_strength(epoch: int, epochs: int, start: float = 0.0, end: float = 1.0) -> float:
     """lambda_n = start + (end - start) / 2 * (1 + cos((1 + min(n, N) / N) * pi)): `start` at epoch 0, rising
-    along half a cosine to `end` at epoch N = `epochs` and staying there (CTKD's curriculum, Eq. (6))."""
+    along half a cosine to `end` at epoch N = `epochs` and staying there (CTKD's curriculum)."""
     if epochs <= 0:
         return end
     progress = min(max(epoch, 0), epochs) / epochs

@@ -15,7 +15,7 @@ class NKDTerm(nn.Module):
     """Normalized knowledge distillation.
 
     Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with
-    Normalized Loss and Customized Soft Labels", ICCV 2023 (arXiv:2303.13005), Eq. (8): with T and S the
+    Normalized Loss and Customized Soft Labels", ICCV 2023 (arXiv:2303.13005): with T and S the
     teacher's and student's softmax at temperature 1, t the label, and N(.) the non-target probabilities
     renormalized to sum to 1 (a softmax over the non-target logits) at temperature lambda (`T` here),
         L_NKD = -T_t log S_t  -  gamma * lambda^2 * sum_{i != t} N(T_i^lambda) log N(S_i^lambda)

@@ -45,7 +45,7 @@ class TTMTerm(_TransformedTeacherTerm):
     """Transformed teacher matching.
 
     Zheng & Yang, "Knowledge Distillation Based on Transformed Teacher Matching", ICLR 2024
-    (arXiv:2402.11148), Eq. (10): the temperature applies to the teacher only, gamma = 1/T,
+    (arXiv:2402.11148): the temperature applies to the teacher only, gamma = 1/T,
         L_TTM = H(y, p_s) + beta * mean_i KL(p_t^gamma(x_i) || p_s(x_i)),  p^gamma = p^gamma / sum_j p_j^gamma
     with p_s the student's softmax at temperature 1 (the config's weight is beta). The paper shows that KD
     with a temperature on both sides equals TTM plus a Renyi-entropy regulariser of the student's output.
@@ -58,7 +58,7 @@ class TTMTerm(_TransformedTeacherTerm):
 class WTTMTerm(_TransformedTeacherTerm):
     """Weighted transformed teacher matching: TTM with each sample weighted by the teacher's power sum.
 
-    Zheng & Yang, ICLR 2024, Eq. (14):
+    Zheng & Yang, ICLR 2024:
         L_WTTM = H(y, p_s) + beta * mean_i U_gamma(p_t(x_i)) * KL(p_t^gamma(x_i) || p_s(x_i)),
         U_gamma(p) = sum_j p_j^gamma
     U is larger for a less confident teacher output (1 for a one-hot one), so uncertain samples, which carry
