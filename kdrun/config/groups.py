@@ -19,7 +19,9 @@ Temperatures, which have three homes (the values stay where they are):
     the soft-target figures;
   - `paradigm.T` (OnlineParadigm below): deep mutual learning's KL between peers, paradigm=online only
     (DML uses 1); the top-level T plays no part there;
-  - `distill.terms.mlkd.temperatures`: MLKD's own list (the top-level T plays no part in mlkd).
+  - `distill.terms.mlkd.temperatures`: MLKD's own list (the top-level T plays no part in mlkd);
+  - a method's own fixed `T` where its authors fix one: `kd_ls`, `dkd_ls` (the LS base temperature 2), `nkd`
+    (its lambda); `ctkd` learns its temperature (metrics.json's `temperatures` holds the final value).
 
 Pure Python (no torch): the CLI composes and checks configs before torch loads; kdrun.data's builders read
 their defaults from the dataset schemas.
