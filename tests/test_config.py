@@ -175,7 +175,7 @@ def test_a_wrong_type_is_rejected_at_compose_time(overrides):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["+dataset.augmnet=false"], "unknown key(s) dataset.augmnet for dataset mnist5k; accepted keys: name, "
-                                 "num_workers, split_seed, test_fraction"),
+                                 "num_workers, split_seed, test_fraction, val_split, val_split_seed"),
     (["+teacher.colour=red"], "unknown key(s) teacher.colour for teacher resnet50; accepted keys: cache"),
     (["paradigm=online", "++paradigm.peer=3"], "unknown key(s) paradigm.peer for paradigm online; accepted keys: "
                                                "T, kl_weight, name, peers; did you mean 'peers'?"),
