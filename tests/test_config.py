@@ -35,7 +35,9 @@ MODEL_PRESETS = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "re
 # The dataset presets the issue named, and the dataset config each one composes to.
 TORCHVISION_SET = {"root": "data", "download": False, "augment": True}  # files under ./data, never downloaded unasked
 EMBEDDED_SET = {"test_fraction": 0.2, "split_seed": 0}                  # a fixed, seeded 80/20 split
-DATASET_PRESETS = {
+# Every dataset also carries the held-out validation share (kdrun/data/validation.py), off by default.
+VALIDATION = {"val_split": 0.0, "val_split_seed": 0}
+DATASET_PRESETS = {name: {**preset, **VALIDATION} for name, preset in {
     "mnist5k": {"name": "mnist5k", **EMBEDDED_SET},
     "digits": {"name": "digits", **EMBEDDED_SET},
     "cifar10": {"name": "cifar10", **TORCHVISION_SET},
@@ -47,7 +49,7 @@ DATASET_PRESETS = {
                     "num_workers": 2, "pack": False, "pack_dir": "outputs/cache/packed"},
     "synthetic": {"name": "synthetic", "num_classes": 10, "train_size": 256, "test_size": 64, "image_size": 32,
                   "in_chans": 3, "seed": 0},
-}
+}.items()}
 
 
 def test_presets_named_in_the_issue_exist():
@@ -175,7 +177,7 @@ def test_a_wrong_type_is_rejected_at_compose_time(overrides):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["+dataset.augmnet=false"], "unknown key(s) dataset.augmnet for dataset mnist5k; accepted keys: name, "
-                                 "num_workers, split_seed, test_fraction"),
+                                 "num_workers, split_seed, test_fraction, val_split, val_split_seed"),
     (["+teacher.colour=red"], "unknown key(s) teacher.colour for teacher resnet50; accepted keys: cache"),
     (["paradigm=online", "++paradigm.peer=3"], "unknown key(s) paradigm.peer for paradigm online; accepted keys: "
                                                "T, kl_weight, name, peers; did you mean 'peers'?"),

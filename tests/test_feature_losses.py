@@ -94,8 +94,8 @@ def assert_gradient_flow(term: nn.Module, student, teacher, epoch: int = 100) ->
 
 @pytest.mark.parametrize("layer", [-1, -2])
 def test_fitnets_is_mse_of_the_regressed_hint(layer):
-    term = FitNetsTerm(SHAPES, layer=layer)
-    conv = term.regressor[0]
+    term = FitNetsTerm(SHAPES, layer=layer, regressor="conv_bn")   # kdrun's earlier regressor, kept as an option
+    conv = term.regressor.layers[0]
     with torch.no_grad():  # identity on the student's channels, zeros on the extra teacher channels
         conv.weight.zero_()
         for c in range(conv.in_channels):
@@ -232,13 +232,23 @@ def test_reviewkd_fuses_deep_to_shallow_with_mismatched_channels_and_sizes():
 
 
 def test_reviewkd_warmup():
+    # Default: the ReviewKD authors' min(1, epoch / 20) with epochs counted from 0 (weight 0 in the first epoch).
     term = ReviewKDTerm(SHAPES, warmup_epochs=20)
     student, teacher = make_maps(SHAPES, grad=False)
-    full = term(context(student, teacher, epoch=19))
+    full = term(context(student, teacher, epoch=20))
     assert full > 0
-    assert torch.allclose(term(context(student, teacher, epoch=0)), full / 20)
-    assert torch.allclose(term(context(student, teacher, epoch=9)), full / 2)
+    assert term(context(student, teacher, epoch=0)).item() == 0.0
+    assert torch.allclose(term(context(student, teacher, epoch=1)), full / 20)
+    assert torch.allclose(term(context(student, teacher, epoch=10)), full / 2)
+    assert torch.allclose(term(context(student, teacher, epoch=19)), full * 19 / 20)
     assert torch.allclose(term(context(student, teacher, epoch=50)), full)
+    # warmup_offset=1: mdistiller's schedule, one epoch ahead.
+    ahead = ReviewKDTerm(SHAPES, warmup_epochs=20, warmup_offset=1)
+    ahead.load_state_dict(term.state_dict())
+    assert torch.allclose(ahead(context(student, teacher, epoch=0)), full / 20)
+    assert torch.allclose(ahead(context(student, teacher, epoch=19)), full)
+    with pytest.raises(KdrunError, match="warmup_offset"):
+        ReviewKDTerm(SHAPES, warmup_offset=2)
 
 
 # --- every term, and the method configs ----------------------------------------------------------------
@@ -274,3 +284,97 @@ def test_method_configs_compose_and_build(method, weight, monkeypatch):
     assert set(parts) == {"ce", method} and torch.isfinite(total)
     total.backward()
     assert any(s.grad is not None for s in student) and all(t.grad is None for t in teacher)
+
+
+# --- the reference codes' behaviour, float64 ------------------------------------------------------------
+
+def conv2d_by_loops(x, weight, bias, stride: int, padding: int):
+    """A plain convolution, one output element at a time (numpy), for small maps: (B, C, H, W) -> (B, O, H', W')."""
+    import numpy as np
+    x, weight, bias = x.detach().numpy(), weight.detach().numpy(), bias.detach().numpy()
+    b, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    padded = np.zeros((b, c, h + 2 * padding, w + 2 * padding))
+    padded[:, :, padding:padding + h, padding:padding + w] = x
+    out_h, out_w = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    out = np.zeros((b, o, out_h, out_w))
+    for n in range(b):
+        for k in range(o):
+            for i in range(out_h):
+                for j in range(out_w):
+                    window = padded[n, :, i * stride:i * stride + kh, j * stride:j * stride + kw]
+                    out[n, k, i, j] = (window * weight[k]).sum() + bias[k]
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("student_size,kernel,stride,padding", [((8, 8), 3, 2, 1), ((4, 4), 1, 1, 0)])
+def test_fitnets_default_regressor_is_conv_bn_relu_with_a_strided_conv_for_twice_the_size(
+        student_size, kernel, stride, padding):
+    # The reference codes' regressor: 3x3 stride-2 conv when the student map is twice the teacher's, else
+    # (equal sizes) a 1x1 conv; then BatchNorm (training mode) and ReLU; the loss is the mean squared error.
+    shapes = FeatureShapes([3], [5], [student_size], [(4, 4)])
+    term = FitNetsTerm(shapes).double()
+    conv = term.regressor[0]
+    assert (conv.kernel_size, conv.stride, conv.padding) == ((kernel, kernel), (stride, stride), (padding, padding))
+    assert isinstance(term.regressor[2], nn.ReLU)
+    student, teacher = make_maps(shapes, batch=3, seed=7)
+    student, teacher = [student[0].detach().double()], [teacher[0].detach().double()]
+    regressed = batchnorm_by_hand(conv2d_by_loops(student[0], conv.weight, conv.bias, stride, padding)).clamp_min(0)
+    expected = ((regressed - teacher[0]) ** 2).sum() / teacher[0].numel()
+    assert term(context(student, teacher)).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_fitnets_regressor_for_other_sizes_and_bad_names():
+    # Larger by a non-doubling: a (1 + Hs - Ht) x (1 + Ws - Wt) conv; half the size: a 4x4 stride-2 transposed conv.
+    assert FitNetsTerm(FeatureShapes([3], [5], [(6, 6)], [(4, 4)])).regressor[0].kernel_size == (3, 3)
+    up = FitNetsTerm(FeatureShapes([3], [5], [(2, 2)], [(4, 4)])).regressor[0]
+    assert isinstance(up, nn.ConvTranspose2d) and (up.kernel_size, up.stride) == ((4, 4), (2, 2))
+    student, teacher = make_maps(FeatureShapes([3], [5], [(2, 2)], [(4, 4)]))
+    assert torch.isfinite(FitNetsTerm(FeatureShapes([3], [5], [(2, 2)], [(4, 4)]))(context(student, teacher)))
+    with pytest.raises(KdrunError, match="regressor"):
+        FitNetsTerm(SHAPES, regressor="mlp")
+
+
+SMALL_STUDENT = FeatureShapes(student_channels=[4], teacher_channels=[6], student_sizes=[(2, 2)],
+                              teacher_sizes=[(4, 4)])
+
+
+def double_maps(shapes, seed=11):
+    student, teacher = make_maps(shapes, batch=3, seed=seed)
+    return ([s.detach().double().abs() + 0.1 for s in student], [t.detach().double().abs() + 0.1 for t in teacher])
+
+
+def test_at_pools_the_teacher_down_when_the_student_map_is_smaller():
+    student, teacher = double_maps(SMALL_STUDENT)
+    expected = ((attention_by_hand(student[0]) - attention_by_hand(pool_by_blocks(teacher[0], 2))) ** 2).mean()
+    got = ATTerm(SMALL_STUDENT)(context(student, teacher))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_nst_pools_the_teacher_down_when_the_student_map_is_smaller():
+    student, teacher = double_maps(SMALL_STUDENT)
+    got = NSTTerm(SMALL_STUDENT)(context(student, teacher))
+    assert got.item() == pytest.approx(mmd2_by_loops(student[0], pool_by_blocks(teacher[0], 2)), rel=1e-12)
+
+
+def test_vid_pools_the_teacher_down_when_the_student_map_is_smaller():
+    shapes = FeatureShapes([4], [4], [(2, 2)], [(4, 4)])
+    term = VIDTerm(shapes).double()
+    term.stages[0].mean = nn.Identity()
+    student, teacher = double_maps(shapes)
+    var = math.log1p(math.exp(term.stages[0].alpha[0].item())) + 1e-5
+    target = pool_by_blocks(teacher[0], 2)
+    expected = (0.5 * ((target - student[0]) ** 2 / var + math.log(var))).mean()
+    assert term(context(student, teacher)).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_reviewkd_abf_resizes_to_the_teacher_with_nearest_neighbours():
+    # One stage (no fusion), the student map half the teacher's size: nearest upsampling repeats each pixel.
+    shapes = FeatureShapes([4], [6], [(2, 2)], [(4, 4)])
+    term = ReviewKDTerm(shapes, warmup_epochs=0).double()
+    student, teacher = double_maps(shapes)
+    abf = term.abfs[0]
+    reduced = abf.reduce(student[0])
+    repeated = reduced.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    expected = hcl(abf.project(repeated), teacher[0])
+    assert term(context(student, teacher)).item() == pytest.approx(expected.item(), rel=1e-12)

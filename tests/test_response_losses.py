@@ -283,7 +283,7 @@ def test_logit_standardization_ignores_the_students_logit_shift_and_scale():
     student, teacher = torch.tensor(STUDENT), torch.tensor(TEACHER)
     rescaled = 3.0 * student + torch.tensor([[1.0], [-2.0], [5.0]])
     for term in (KDTerm(logit_standardize=True), DKDTerm(warmup_epochs=0, logit_standardize=True),
-                 MLKDTerm(logit_standardize=True)):
+                 MLKDTerm(logit_standardize=True, standardize_levels="all")):
         base = term(context(student, teacher, TARGETS)).item()
         assert term(context(rescaled, teacher, TARGETS)).item() == pytest.approx(base, rel=1e-4)
 
@@ -293,7 +293,7 @@ def test_dkd_and_mlkd_standardize_before_dividing_by_t():
     manual_t = torch.tensor([zscore(row) for row in TEACHER])
     for standardized, plain in [(DKDTerm(T=2.0, warmup_epochs=0, logit_standardize=True),
                                  DKDTerm(T=2.0, warmup_epochs=0)),
-                                (MLKDTerm(temperatures=[2, 4], logit_standardize=True),
+                                (MLKDTerm(temperatures=[2, 4], logit_standardize=True, standardize_levels="all"),
                                  MLKDTerm(temperatures=[2, 4]))]:
         got = standardized(context(STUDENT, TEACHER, TARGETS)).item()
         assert got == pytest.approx(plain(context(manual_s, manual_t, TARGETS)).item(), rel=1e-5)
@@ -358,3 +358,90 @@ def test_mlkd_preset_defaults():
     assert term.temperatures == (2.0, 3.0, 4.0, 5.0, 6.0) and term.level_weights == (1.0, 1.0, 1.0)
     term = build_loss(compose_distill("distill=mlkd", "distill.terms.mlkd.temperatures=[1,2]")).terms["mlkd"]
     assert term.temperatures == (1.0, 2.0)
+
+
+# --- MLKD options for the authors' behaviour, float64 ---------------------------------------------------
+
+def double_augmented_context():
+    ctx = context(torch.tensor(STUDENT, dtype=torch.float64), torch.tensor(TEACHER, dtype=torch.float64), TARGETS)
+    ctx.student_logits_strong = torch.tensor(STRONG_STUDENT, dtype=torch.float64)
+    ctx.teacher_logits_strong = torch.tensor(STRONG_TEACHER, dtype=torch.float64)
+    return ctx
+
+
+def mlkd_batch_fraction_reference(s_weak, t_weak, s_strong, t_strong, temperatures, weights, standardize=False):
+    """The authors' masking: each unmasked batch-mean level times the fraction of kept samples (classes for
+    the class level); with `standardize`, only the instance-level KL (both views) sees z-scored logits."""
+    n, k = len(t_weak), len(t_weak[0])
+    p1 = [softmax(row) for row in t_weak]
+    confidence = [max(p) for p in p1]
+    kept = sum(c <= statistics.median(confidence) for c in confidence) / n
+    class_confidence = [sum(p[a] for p in p1) for a in range(k)]
+    kept_classes = sum(c <= statistics.median(class_confidence) for c in class_confidence) / k
+    inst = (lambda rows: [zscore(r) for r in rows]) if standardize else (lambda rows: rows)
+    total = 0.0
+    for T in temperatures:
+        instance = T * T * sum(kl(softmax(t, T), softmax(s, T)) for s, t in zip(inst(s_weak), inst(t_weak))) / n
+        strong = T * T * sum(kl(softmax(t, T), softmax(s, T)) for s, t in zip(inst(s_strong), inst(t_strong))) / n
+        levels = mlkd_reference(s_weak, t_weak, [T], (0.0, 1.0, 0.0)), mlkd_reference(s_weak, t_weak, [T], (0, 0, 1.0))
+        total += (weights[0] * (instance * kept + strong) + weights[1] * levels[0] * kept
+                  + weights[2] * levels[1] * kept_classes)
+    return total
+
+
+def test_mlkd_batch_fraction_masking_matches_the_authors_scaling():
+    term = MLKDTerm(temperatures=[2, 4], instance_weight=1.0, batch_weight=2.0, class_weight=0.5, augment=True,
+                    mask="batch_fraction")
+    expected = mlkd_batch_fraction_reference(STUDENT, TEACHER, STRONG_STUDENT, STRONG_TEACHER, [2.0, 4.0],
+                                             (1.0, 2.0, 0.5))
+    assert term(double_augmented_context()).item() == pytest.approx(expected, rel=1e-12)
+    per_sample = MLKDTerm(temperatures=[2, 4], instance_weight=1.0, batch_weight=2.0, class_weight=0.5, augment=True)
+    assert abs(per_sample(double_augmented_context()).item() - expected) > 1e-3   # the default differs
+    with pytest.raises(KdrunError, match="mask"):
+        MLKDTerm(mask="per_batch")
+
+
+def test_mlkd_logit_standardization_touches_the_instance_level_only_by_default():
+    term = MLKDTerm(temperatures=[2, 3, 5, 2, 6], augment=True, mask="batch_fraction", logit_standardize=True)
+    expected = mlkd_batch_fraction_reference(STUDENT, TEACHER, STRONG_STUDENT, STRONG_TEACHER, [2, 3, 5, 2, 6],
+                                             (1.0, 1.0, 1.0), standardize=True)
+    assert term(double_augmented_context()).item() == pytest.approx(expected, rel=1e-12)
+    # One view, no masks: z-scored instance KL plus the raw batch and class levels.
+    one_view = MLKDTerm(temperatures=[2.0], logit_standardize=True)
+    s64, t64 = torch.tensor(STUDENT, dtype=torch.float64), torch.tensor(TEACHER, dtype=torch.float64)
+    expected = (mlkd_reference([zscore(r) for r in STUDENT], [zscore(r) for r in TEACHER], [2.0], (1.0, 0, 0))
+                + mlkd_reference(STUDENT, TEACHER, [2.0], (0, 1.0, 1.0)))
+    assert one_view(context(s64, t64)).item() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(KdrunError, match="standardize_levels"):
+        MLKDTerm(standardize_levels="batch")
+
+
+def test_presets_carry_the_authors_released_defaults():
+    def terms(*overrides):
+        distill = compose_distill(*overrides)
+        return {name: spec for name, spec in distill["terms"].items()}, distill
+
+    dist, _ = terms("distill=dist")
+    assert dist["dist"]["weight"] == 2.0 and (dist["dist"]["beta"], dist["dist"]["gamma"]) == (1.0, 1.0)
+    mlkd, _ = terms("distill=mlkd")
+    assert (mlkd["ce"]["weight"], mlkd["mlkd"]["weight"], mlkd["mlkd"]["mask"]) == (0.1, 0.9, "sample")
+    kd_ls, method = terms("distill=kd_ls", "T=4")
+    assert method["logit_standardize"] and (kd_ls["ce"]["weight"], kd_ls["kd"]["weight"], kd_ls["kd"]["T"]) == (0.1, 9.0, 2.0)
+    loss = build_loss(compose_distill("distill=dkd_ls"))
+    dkd = loss.terms["dkd"]
+    assert (dkd.alpha, dkd.beta, dkd.T, dkd.logit_standardize, loss.weights["ce"]) == (9.0, 72.0, 2.0, True, 1.0)
+    loss = build_loss(compose_distill("distill=mlkd_ls"))
+    mlkd = loss.terms["mlkd"]
+    assert mlkd.temperatures == (2.0, 3.0, 5.0, 2.0, 6.0) and mlkd.logit_standardize
+    assert mlkd.standardize_levels == "instance" and mlkd.needs_strong_view
+    assert (loss.weights["ce"], loss.weights["mlkd"]) == (0.1, 9.0)
+
+
+@pytest.mark.parametrize("experiment,weight", [("cifar100_wrn_40_2_wrn_16_2", 5.0), ("cifar100_resnet32x4_resnet8x4", 5.0),
+                                               ("cifar100_resnet32x4_shufflenetv2", 8.0),
+                                               ("cifar100_resnet56_resnet20", 0.6), ("cifar100_vgg13_vgg8", 1.0)])
+def test_experiment_files_set_the_reviewkd_authors_weight_per_pair(experiment, weight):
+    distill = compose_distill("distill=reviewkd", f"experiment={experiment}")
+    assert distill["terms"]["reviewkd"]["weight"] == weight
+    # Another method is untouched by the pair's ReviewKD weight.
+    assert set(compose_distill(f"experiment={experiment}")["terms"]) == {"ce", "kd"}

@@ -19,7 +19,9 @@ Temperatures, which have three homes (the values stay where they are):
     the soft-target figures;
   - `paradigm.T` (OnlineParadigm below): deep mutual learning's KL between peers, paradigm=online only
     (DML uses 1); the top-level T plays no part there;
-  - `distill.terms.mlkd.temperatures`: MLKD's own list (the top-level T plays no part in mlkd).
+  - `distill.terms.mlkd.temperatures`: MLKD's own list (the top-level T plays no part in mlkd);
+  - a method's own fixed `T` where its authors fix one: `kd_ls`, `dkd_ls` (the LS base temperature 2), `nkd`
+    (its lambda); `ctkd` learns its temperature (metrics.json's `temperatures` holds the final value).
 
 Pure Python (no torch): the CLI composes and checks configs before torch loads; kdrun.data's builders read
 their defaults from the dataset schemas.
@@ -37,8 +39,15 @@ from omegaconf import MISSING
 
 @dataclass
 class DatasetConfig:
-    """What every dataset config has: its registered name (kdrun.data.registry.DATASETS)."""
+    """What every dataset config has: its registered name (kdrun.data.registry.DATASETS), and the share of the
+    training set held out for validation (kdrun/data/validation.py), which the builders never see."""
     name: str = MISSING
+    val_split: float = 0.0            # 0: validate on the test split (as the papers); else a stratified fraction
+    val_split_seed: int = 0           # of the training set, drawn with this seed, picks the best epoch
+
+
+# Keys of every dataset config that kdrun.data applies after the builder (not passed to it).
+VALIDATION_KEYS = ("val_split", "val_split_seed")
 
 
 @dataclass
@@ -100,11 +109,14 @@ class DistillMethod:
     terms: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     student_layers: Optional[List[str]] = None   # feature methods: name layers to pair, instead of matching stages
     teacher_layers: Optional[List[str]] = None
+    # A term weight its authors tuned per teacher/student pair, set by a conf/experiment/ file and read by the
+    # method that uses it (reviewkd.yaml: `weight: ${oc.select:distill.pair_weights.reviewkd,1.0}`).
+    pair_weights: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class LogitStandardizedMethod(DistillMethod):
-    """kd, dkd, mlkd: their terms read `${distill.logit_standardize}` (Sun et al., CVPR 2024)."""
+    """kd, dkd, mlkd and their LS presets: their terms read `${distill.logit_standardize}` (Sun et al., CVPR 2024)."""
     logit_standardize: bool = False
 
 

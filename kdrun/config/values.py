@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from kdrun.errors import KdrunError
 
 # Term options (by term type) that weigh parts of the term's loss: negative ones maximize that part.
-TERM_PART_WEIGHTS = {"dkd": ("alpha", "beta"), "dist": ("beta", "gamma")}
+TERM_PART_WEIGHTS = {"dkd": ("alpha", "beta"), "dist": ("beta", "gamma"), "nkd": ("gamma",)}
 # Term options that are temperatures (divisors of logits or similarities): > 0.
 TERM_TEMPERATURES = ("T", "nce_t")
 
@@ -116,7 +116,11 @@ def check_schedule(sched: DictConfig) -> None:
 
 
 def check_loader(dataset: DictConfig) -> None:
-    """`dataset.num_workers` (typed for imagefolder, `+dataset.num_workers=N` for any dataset): DataLoader processes."""
+    """`dataset.num_workers` (typed for imagefolder, `+dataset.num_workers=N` for any dataset): DataLoader processes;
+    `dataset.val_split`: the held-out share of the training set."""
+    val_split = dataset.get("val_split", 0.0)
+    _require(0.0 <= val_split < 1.0, f"dataset.val_split={val_split} must be within [0, 1): the share of the training "
+                                     "set held out for validation (0: validate on the test split), e.g. dataset.val_split=0.1")
     workers = dataset.get("num_workers")
     if workers is not None:
         _require(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0,

@@ -13,11 +13,14 @@ import importlib
 import pkgutil
 from typing import Any, Mapping
 
-from kdrun.data.bundle import DataBundle, InMemoryDataset, describe
+from kdrun.config.groups import VALIDATION_KEYS
+from kdrun.data.bundle import DataBundle, InMemoryDataset, describe, validation_set
 from kdrun.data.registry import DATASETS
+from kdrun.data.validation import hold_out_validation
 from kdrun.errors import KdrunError
 
-__all__ = ["DATASETS", "DataBundle", "InMemoryDataset", "build_dataset", "dataset_names", "describe"]
+__all__ = ["DATASETS", "DataBundle", "InMemoryDataset", "build_dataset", "dataset_names", "describe",
+           "validation_set"]
 
 
 def dataset_names() -> list[str]:
@@ -30,7 +33,11 @@ def build_dataset(cfg: Mapping[str, Any]) -> DataBundle:
     name = options.pop("name", None)
     if name is None:
         raise KdrunError(f"the dataset config has no name: pass dataset=NAME, one of: {', '.join(dataset_names())}")
-    return DATASETS.get(str(name))(options)
+    val_split, val_seed = (options.pop(key, None) for key in VALIDATION_KEYS)  # kdrun's, not the builder's
+    bundle = DATASETS.get(str(name))(options)
+    if val_split:
+        bundle = hold_out_validation(bundle, float(val_split), int(val_seed or 0))
+    return bundle
 
 
 def _plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:

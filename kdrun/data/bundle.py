@@ -24,12 +24,19 @@ class DataBundle:
     class_names: list[str]
     mean: tuple[float, ...]   # per-channel normalization applied to both splits (0..1 pixel scale)
     std: tuple[float, ...]
+    val: Optional[Dataset] = None   # dataset.val_split > 0: held out of the training set, never augmented
+
+
+def validation_set(bundle: DataBundle) -> Dataset:
+    """The split that picks the best epoch: the held-out part of the training set, else the test split."""
+    return bundle.val if bundle.val is not None else bundle.test
 
 
 def describe(bundle: DataBundle) -> str:
     """One line for logs, e.g. 'mnist5k: 4000 train / 1000 test, 10 classes, 1x28x28'."""
     height, width = bundle.image_size
-    return (f"{bundle.name}: {len(bundle.train)} train / {len(bundle.test)} test, "
+    held_out = f" / {len(bundle.val)} validation" if bundle.val is not None else ""
+    return (f"{bundle.name}: {len(bundle.train)} train{held_out} / {len(bundle.test)} test, "
             f"{bundle.num_classes} classes, {bundle.in_chans}x{height}x{width}")
 
 

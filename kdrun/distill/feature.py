@@ -4,7 +4,8 @@ Every term reads ``ctx.student_features`` / ``ctx.teacher_features`` (matched pa
 maps, shallow to deep) and is built for the measured :class:`FeatureShapes`, so its learnable parts
 (regressors, variances, fusion modules) exist before the optimizer: they are submodules of the term,
 trained with the student and saved in its checkpoint. Teacher maps are detached in every term.
-Where sizes differ, the student's map is resized to the teacher's (``resize_to``).
+Where sizes differ, AT, NST and VID pool the larger map down to the smaller (``pool_to_common_size``), as the
+authors' codes do; FitNets' regressor maps the student's size to the teacher's.
 
 Per-stage losses are *summed* over the matched stages, as in the authors' code and RepDistiller
 (Tian et al., ICLR 2020), whose loss weights the configs use.
@@ -20,13 +21,55 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
-from kdrun.distill.feature_common import check_pairs, conv_bn, feature_pairs, resize_to
+from kdrun.distill.feature_common import check_pairs, conv_bn, feature_pairs, pool_to_common_size, resize_to
 from kdrun.distill.feature_review import ReviewKDTerm
 from kdrun.distill.registry import TERMS
 from kdrun.errors import KdrunError
 
 
 # --- FitNets (Romero, Ballas, Kahou, Chassang, Gatta & Bengio, ICLR 2015) ------------------------------
+
+REGRESSORS = ("conv_bn_relu", "conv_bn")
+
+
+def hint_regressor(kind: str, student_channels: int, teacher_channels: int, student_size: tuple[int, int],
+                   teacher_size: tuple[int, int]) -> nn.Module:
+    """The learnable map r from the student's hint map to the teacher's guided map (channels and size).
+
+    `conv_bn_relu` (default) is the regressor of the FitNets reference codes (RepDistiller's and
+    mdistiller's ``ConvReg``): a convolution chosen by the sizes, then BatchNorm and ReLU:
+      - student map twice the teacher's: 3x3 convolution, stride 2, padding 1;
+      - student map half the teacher's: 4x4 transposed convolution, stride 2, padding 1;
+      - student map at least the teacher's: a (1 + Hs - Ht) x (1 + Ws - Wt) convolution (1x1 when equal);
+      - otherwise (the reference codes refuse it): the student map is resized to the teacher's, then 1x1.
+    `conv_bn` is kdrun's earlier regressor: resize to the teacher's size, 1x1 convolution + BatchNorm.
+    """
+    if kind == "conv_bn":
+        return ResizeThen(conv_bn(student_channels, teacher_channels), teacher_size)
+    (sh, sw), (th, tw) = student_size, teacher_size
+    resize = None
+    if (sh, sw) == (2 * th, 2 * tw):
+        conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=3, stride=2, padding=1)
+    elif (2 * sh, 2 * sw) == (th, tw):
+        conv = nn.ConvTranspose2d(student_channels, teacher_channels, kernel_size=4, stride=2, padding=1)
+    elif sh >= th and sw >= tw:
+        conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=(1 + sh - th, 1 + sw - tw))
+    else:
+        conv, resize = nn.Conv2d(student_channels, teacher_channels, kernel_size=1), teacher_size
+    layers = nn.Sequential(conv, nn.BatchNorm2d(teacher_channels), nn.ReLU())
+    return ResizeThen(layers, resize) if resize is not None else layers
+
+
+class ResizeThen(nn.Module):
+    """Resize the input map to `size` (pool down, bilinear up), then apply `layers`."""
+
+    def __init__(self, layers: nn.Module, size: tuple[int, int]):
+        super().__init__()
+        self.layers, self.size = layers, tuple(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(resize_to(x, self.size))
+
 
 @TERMS.register("fitnets", family="feature")
 class FitNetsTerm(nn.Module):
@@ -35,11 +78,11 @@ class FitNetsTerm(nn.Module):
 
     Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, Eq. (3):
         L_HT = 1/2 * || u_h(x) - r(v_g(x); W_r) ||^2
-    with u_h the teacher's hint layer, v_g the student's guided layer and r a convolutional regressor.
-    Here r is a 1x1 convolution + BatchNorm (always present, as in the paper, even when the widths
-    agree), after resizing the student map to the teacher's size, and the squared error is averaged
-    over elements (RepDistiller's ``HintLoss``) rather than halved and summed. The paper trains in two
-    stages (hints first, then KD); kdrun trains CE + hint jointly, as RepDistiller does.
+    with u_h the teacher's hint layer, v_g the student's guided layer and r a convolutional regressor
+    (:func:`hint_regressor`: by default the reference codes' convolution + BatchNorm + ReLU, always
+    present, as in the paper, even when the widths agree). The squared error is averaged over elements
+    (RepDistiller's ``HintLoss``) rather than halved and summed. The paper trains in two stages (hints
+    first, then KD); kdrun trains CE + hint jointly, as RepDistiller does.
 
     `layer` indexes the matched pairs (-1 is the deepest). The default, None, takes the second-deepest
     (a middle stage as in the paper), or the only pair when stages match once (a ViT against a CNN).
@@ -48,7 +91,7 @@ class FitNetsTerm(nn.Module):
     needs_teacher = True
     needs_features = True
 
-    def __init__(self, shapes: FeatureShapes, layer: Optional[int] = None):
+    def __init__(self, shapes: FeatureShapes, layer: Optional[int] = None, regressor: str = "conv_bn_relu"):
         super().__init__()
         pairs = check_pairs(shapes, "fitnets")
         if layer is None:
@@ -56,13 +99,17 @@ class FitNetsTerm(nn.Module):
         if not -pairs <= int(layer) < pairs:
             raise KdrunError(f"distill.terms.fitnets.layer={layer} is out of range for {pairs} matched feature "
                              f"pair(s): choose within {-pairs}..{pairs - 1}, e.g. layer=-1 for the deepest")
+        if regressor not in REGRESSORS:
+            raise KdrunError(f"distill.terms.fitnets.regressor={regressor!r} is not one of {', '.join(REGRESSORS)}: "
+                             f"pass e.g. distill.terms.fitnets.regressor=conv_bn_relu")
         self.layer = int(layer) % pairs
-        self.regressor = conv_bn(shapes.student_channels[self.layer], shapes.teacher_channels[self.layer])
+        i = self.layer
+        self.regressor = hint_regressor(regressor, shapes.student_channels[i], shapes.teacher_channels[i],
+                                        tuple(shapes.student_sizes[i]), tuple(shapes.teacher_sizes[i]))
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         student, teacher = feature_pairs(ctx)[self.layer]
-        prediction = self.regressor(resize_to(student, teacher.shape[-2:]))
-        return F.mse_loss(prediction, teacher)
+        return F.mse_loss(self.regressor(student), teacher)
 
 
 # --- Attention transfer (Zagoruyko & Komodakis, ICLR 2017) --------------------------------------------
@@ -82,7 +129,8 @@ class ATTerm(nn.Module):
     with Q = vec(F^p_mean(A)) the spatial attention map of stage j. As in the authors' code and
     RepDistiller, each stage contributes the mean squared difference of the normalized maps,
     (at(s) - at(t)).pow(2).mean(), and stages are summed (the config's weight plays beta).
-    Channel counts need not match; the student map is resized to the teacher's size.
+    Channel counts need not match; where sizes differ the larger map is average-pooled to the smaller
+    one's size (the teacher's pooled down when the student's is smaller), as in the authors' code.
     """
 
     needs_teacher = True
@@ -96,7 +144,7 @@ class ATTerm(nn.Module):
     def forward(self, ctx: StepContext) -> torch.Tensor:
         total = 0.0
         for student, teacher in feature_pairs(ctx):
-            student = resize_to(student, teacher.shape[-2:])
+            student, teacher = pool_to_common_size(student, teacher)
             total = total + (attention_map(student, self.p) - attention_map(teacher, self.p)).pow(2).mean()
         return total
 
@@ -128,7 +176,8 @@ class NSTTerm(nn.Module):
         MMD^2 = 1/C_T^2 sum_{i,i'} k(f_T^i, f_T^i') + 1/C_S^2 sum_{j,j'} k(f_S^j, f_S^j')
                 - 2/(C_S C_T) sum_{i,j} k(f_S^j, f_T^i)
     over the L2-normalized flattened channel maps f^i, averaged over the batch and summed over stages
-    (RepDistiller; the paper writes lambda/2 * MMD^2, which the config's weight absorbs).
+    (RepDistiller; the paper writes lambda/2 * MMD^2, which the config's weight absorbs). Maps of
+    different sizes are both brought to the smaller size by average pooling, as in the authors' code.
     """
 
     needs_teacher = True
@@ -141,7 +190,7 @@ class NSTTerm(nn.Module):
     def forward(self, ctx: StepContext) -> torch.Tensor:
         total = 0.0
         for student, teacher in feature_pairs(ctx):
-            total = total + polynomial_mmd2(resize_to(student, teacher.shape[-2:]), teacher)
+            total = total + polynomial_mmd2(*pool_to_common_size(student, teacher))
         return total
 
 
@@ -169,7 +218,8 @@ class VIDStage(nn.Module):
         return F.softplus(self.alpha) + self.eps
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        mu = self.mean(resize_to(student, teacher.shape[-2:]))
+        student, teacher = pool_to_common_size(student, teacher)
+        mu = self.mean(student)
         var = self.variance().view(1, -1, 1, 1)
         return (0.5 * ((teacher - mu).pow(2) / var + var.log())).mean()
 
@@ -183,7 +233,8 @@ class VIDTerm(nn.Module):
         -log q(t | s) = sum_{c,h,w} [ log sigma_c + (t_{c,h,w} - mu_{c,h,w}(s))^2 / (2 sigma_c^2) ] + const
     mu is three 1x1 convolutions with ReLUs (hidden width = the teacher's channels) and
     sigma_c^2 = softplus(alpha_c) + eps, initialized to `init_pred_var`. As in the authors'
-    implementation in RepDistiller, the NLL is averaged over elements and summed over stages.
+    implementation in RepDistiller, the NLL is averaged over elements and summed over stages; maps of
+    different sizes are both average-pooled to the smaller size first, as there.
     """
 
     needs_teacher = True

@@ -44,6 +44,21 @@ def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return x
 
 
+def pool_to_common_size(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both maps at the smaller of their sizes: the larger one is average-pooled down, never upsampled.
+
+    This is what the authors' codes of AT, NST and VID (and RepDistiller's) do: where the student map is
+    smaller, the teacher's is pooled to it rather than the student's enlarged. Height and width are
+    taken separately (each to its minimum).
+    """
+    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
+    if tuple(student.shape[-2:]) != size:
+        student = F.adaptive_avg_pool2d(student, size)
+    if tuple(teacher.shape[-2:]) != size:
+        teacher = F.adaptive_avg_pool2d(teacher, size)
+    return student, teacher
+
+
 def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
     """1x1 convolution + BatchNorm: the learnable map from student to teacher channels."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),

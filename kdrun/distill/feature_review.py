@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
-from kdrun.distill.feature_common import check_pairs, feature_pairs, resize_to
+from kdrun.distill.feature_common import check_pairs, feature_pairs
 from kdrun.distill.response import warmup_factor
 from kdrun.distill.registry import TERMS
 from kdrun.errors import KdrunError
@@ -39,8 +39,8 @@ class ABF(nn.Module):
 
     1x1 conv + BN to `mid` channels; when `fuse`, the deeper residual is upsampled (nearest) to this
     stage's size and the two are mixed with two sigmoid attention maps predicted from their
-    concatenation; the result is resized to the teacher's size and a 3x3 conv + BN gives the
-    teacher's channels. Returns (output for the loss, fused map passed on to the shallower stage).
+    concatenation; the result is resized (nearest, as the authors' code) to the teacher's size and a
+    3x3 conv + BN gives the teacher's channels. Returns (output for the loss, fused map passed on to the shallower stage).
     """
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
@@ -61,7 +61,8 @@ class ABF(nn.Module):
             residual = F.interpolate(residual, size=x.shape[-2:], mode="nearest")
             weights = self.attention(torch.cat([x, residual], dim=1))
             x = x * weights[:, 0:1] + residual * weights[:, 1:2]
-        x = resize_to(x, out_size)
+        if tuple(x.shape[-2:]) != tuple(out_size):
+            x = F.interpolate(x, size=tuple(int(v) for v in out_size), mode="nearest")
         return self.project(x), x
 
 
@@ -74,7 +75,9 @@ class ReviewKDTerm(nn.Module):
     The ABF modules run from the deepest matched stage to the shallowest (the deepest does no
     fusion); each outputs a map with the teacher's channels and size at its stage, compared by the
     hierarchical context loss (:func:`hcl`). The term is scaled by the linear warm-up
-    min((epoch + 1) / warmup_epochs, 1) of the authors' CIFAR code (20 epochs, 0-based epochs here).
+    min((epoch + warmup_offset) / warmup_epochs, 1), epochs counted from 0: warmup_offset 0 (default) is the
+    ReviewKD authors' CIFAR code, min(1, epoch / 20) with 0-based epochs, so the first epoch has weight 0;
+    warmup_offset 1 is mdistiller's schedule ((epoch + 1) / 20 here), one epoch ahead.
     The fusion width is min(512, the student's deepest channels) unless `mid_channels` is given.
     The authors also distill the pooled embedding as a 1x1 stage and use the teacher's pre-ReLU
     maps; kdrun compares the matched maps the runner taps.
@@ -83,13 +86,18 @@ class ReviewKDTerm(nn.Module):
     needs_teacher = True
     needs_features = True
 
-    def __init__(self, shapes: FeatureShapes, warmup_epochs: int = 20, mid_channels: Optional[int] = None):
+    def __init__(self, shapes: FeatureShapes, warmup_epochs: int = 20, mid_channels: Optional[int] = None,
+                 warmup_offset: int = 0):
         super().__init__()
         pairs = check_pairs(shapes, "reviewkd")
         mid = int(mid_channels) if mid_channels is not None else min(512, shapes.student_channels[-1])
         if mid < 1:
             raise KdrunError(f"distill.terms.reviewkd.mid_channels={mid_channels} must be >= 1 (or null)")
         self.warmup_epochs = int(warmup_epochs)
+        if warmup_offset not in (0, 1):
+            raise KdrunError(f"distill.terms.reviewkd.warmup_offset={warmup_offset} must be 0 (the ReviewKD authors' "
+                             f"epoch / warmup) or 1 (mdistiller's (epoch + 1) / warmup)")
+        self.warmup_offset = int(warmup_offset)
         # Stored shallow to deep like the maps; every stage but the deepest fuses the deeper residual.
         self.abfs = nn.ModuleList(ABF(s, mid, t, fuse=i < pairs - 1)
                                   for i, (s, t) in enumerate(zip(shapes.student_channels, shapes.teacher_channels)))
@@ -100,4 +108,4 @@ class ReviewKDTerm(nn.Module):
         for abf, (student, teacher) in zip(reversed(self.abfs), reversed(pairs)):
             output, residual = abf(student, residual, teacher.shape[-2:])
             total = total + hcl(output, teacher)
-        return warmup_factor(ctx.epoch, self.warmup_epochs) * total
+        return warmup_factor(ctx.epoch, self.warmup_epochs, self.warmup_offset) * total

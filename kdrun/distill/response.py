@@ -59,7 +59,7 @@ class KDTerm(nn.Module):
         return kd_divergence(student, teacher, self.T)
 
 
-# --- Logit standardization (Sun, Zhu, Luo, Liu & Zhu, CVPR 2024) -------------------------------------
+# --- Logit standardization (Sun, Ren, Li, Wang & Cao, CVPR 2024) -------------------------------------
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Z-score each sample's logits over the classes: (z - mean(z)) / (std(z) + eps).
@@ -117,15 +117,16 @@ def dkd_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     return tckd * (T * T), nckd * (T * T)
 
 
-def warmup_factor(epoch: int, warmup_epochs: int) -> float:
-    """min((epoch + 1) / warmup_epochs, 1) for a 0-based epoch.
+def warmup_factor(epoch: int, warmup_epochs: int, offset: int = 1) -> float:
+    """min((epoch + offset) / warmup_epochs, 1) for a 0-based epoch.
 
-    The DKD code (mdistiller) counts epochs from 1 and uses min(epoch / warmup, 1); the +1 keeps
-    the same schedule: 1/warmup in the first epoch, full weight from epoch `warmup_epochs` on.
+    The DKD code (mdistiller) counts epochs from 1 and uses min(epoch / warmup, 1); offset 1 (default)
+    keeps that schedule: 1/warmup in the first epoch, full weight from epoch `warmup_epochs` on.
+    Offset 0 is a code that counts epochs from 0 (ReviewKD's): weight 0 in the first epoch.
     """
     if warmup_epochs <= 0:
         return 1.0
-    return min((epoch + 1) / warmup_epochs, 1.0)
+    return min((epoch + offset) / warmup_epochs, 1.0)
 
 
 @TERMS.register("dkd", family="response")
@@ -230,6 +231,10 @@ def confidence_masks(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.
             (class_confidence <= torch.quantile(class_confidence, 0.5)).to(teacher_logits.dtype))
 
 
+MLKD_STANDARDIZED_LEVELS = ("instance", "all")
+MLKD_MASKS = ("sample", "batch_fraction")
+
+
 @TERMS.register("mlkd", family="response")
 class MLKDTerm(nn.Module):
     """Multi-level logit distillation, summed over several temperatures (Jin et al., CVPR 2023).
@@ -242,8 +247,15 @@ class MLKDTerm(nn.Module):
                       + batch_weight * batch_weak(T, masked) + class_weight * class_weak(T, class-masked)]
     with the confidence masks of `confidence_masks`; the cross-entropy term then covers both views.
     These are the terms the authors' code adds up (its strong-view class and batch terms are computed
-    but left out of the loss). Their code multiplies each batch-mean loss by the fraction of kept
-    samples; kdrun masks sample by sample, as the paper describes.
+    but left out of the loss; its strong-view instance terms at T = 2 and 6 read the weak view's logits,
+    which kdrun does not copy).
+    `mask` says how the masks weigh the weak-view terms:
+      - `sample` (default): sample by sample (and class by class), as the paper describes;
+      - `batch_fraction`: the authors' code, which multiplies each unmasked batch-mean loss by the
+        fraction of kept samples (classes for the class level): use it to reproduce their numbers.
+    `logit_standardize` (Sun et al., CVPR 2024) z-scores the logits of the levels `standardize_levels`
+    names: `instance` (default; the logit-standardization authors' MLKD standardizes the instance-level
+    KL alone, on both views) or `all` (the three levels).
     As in the paper and its code, the temperatures are summed, so listing more of them weighs the term more.
     """
 
@@ -252,23 +264,51 @@ class MLKDTerm(nn.Module):
 
     def __init__(self, temperatures: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0),
                  instance_weight: float = 1.0, batch_weight: float = 1.0, class_weight: float = 1.0,
-                 logit_standardize: bool = False, augment: bool = False):
+                 logit_standardize: bool = False, augment: bool = False, standardize_levels: str = "instance",
+                 mask: str = "sample"):
         super().__init__()
         self.temperatures = tuple(float(T) for T in temperatures)
         if not self.temperatures or min(self.temperatures) <= 0:
             raise KdrunError(f"mlkd temperatures={list(temperatures)} must be a non-empty list of positive "
                              f"numbers, e.g. [2, 3, 4, 5, 6]")
+        if standardize_levels not in MLKD_STANDARDIZED_LEVELS:
+            raise KdrunError(f"distill.terms.mlkd.standardize_levels={standardize_levels!r} is not one of "
+                             f"{', '.join(MLKD_STANDARDIZED_LEVELS)}: pass e.g. distill.terms.mlkd.standardize_levels=instance")
+        if mask not in MLKD_MASKS:
+            raise KdrunError(f"distill.terms.mlkd.mask={mask!r} is not one of {', '.join(MLKD_MASKS)}: "
+                             f"pass e.g. distill.terms.mlkd.mask=sample")
         self.level_weights = (float(instance_weight), float(batch_weight), float(class_weight))
         self.logit_standardize = bool(logit_standardize)
+        self.standardize_levels = standardize_levels
+        self.mask = mask
         self.needs_strong_view = bool(augment)
+
+    def _pairs(self, student: torch.Tensor, teacher: torch.Tensor):
+        """((student, teacher) for the instance level, (student, teacher) for the batch and class levels)."""
+        if not self.logit_standardize:
+            return (student, teacher), (student, teacher)
+        standardized = (standardize_logits(student), standardize_logits(teacher))
+        return standardized, (standardized if self.standardize_levels == "all" else (student, teacher))
+
+    def _levels(self, student: torch.Tensor, teacher: torch.Tensor, T: float,
+                sample_mask: Optional[torch.Tensor] = None, class_mask: Optional[torch.Tensor] = None):
+        """(instance, batch, class) at T, standardized as configured, masked per `mask`."""
+        (s_inst, t_inst), (s_rel, t_rel) = self._pairs(student, teacher)
+        per_sample = self.mask == "sample"
+        instance = mlkd_levels(s_inst, t_inst, T, sample_mask if per_sample else None)[0]
+        _, batch, classes = mlkd_levels(s_rel, t_rel, T, sample_mask if per_sample else None,
+                                        class_mask if per_sample else None)
+        if not per_sample and sample_mask is not None:
+            kept, kept_classes = sample_mask.mean(), class_mask.mean()
+            instance, batch, classes = instance * kept, batch * kept, classes * kept_classes
+        return instance, batch, classes
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         if self.needs_strong_view:
             return self._augmented(ctx)
-        student, teacher = logit_pair(ctx, self.logit_standardize)
         total = 0.0
         for T in self.temperatures:
-            levels = mlkd_levels(student, teacher, T)
+            levels = self._levels(ctx.student_logits, ctx.teacher_logits, T)
             total = total + sum(w * level for w, level in zip(self.level_weights, levels))
         return total
 
@@ -277,14 +317,13 @@ class MLKDTerm(nn.Module):
             raise KdrunError("mlkd with augment=true needs the strong view's logits, which this trainer did not "
                              "compute: pass distill.terms.mlkd.augment=false")
         sample_mask, class_mask = confidence_masks(ctx.teacher_logits)
-        weak_student, weak_teacher = logit_pair(ctx, self.logit_standardize)
         strong_student, strong_teacher = ctx.student_logits_strong, ctx.teacher_logits_strong
-        if self.logit_standardize:
+        if self.logit_standardize:   # the strong view has the instance level only: standardized in both modes
             strong_student, strong_teacher = standardize_logits(strong_student), standardize_logits(strong_teacher)
         w_instance, w_batch, w_class = self.level_weights
         total = 0.0
         for T in self.temperatures:
-            instance, batch, classes = mlkd_levels(weak_student, weak_teacher, T, sample_mask, class_mask)
+            instance, batch, classes = self._levels(ctx.student_logits, ctx.teacher_logits, T, sample_mask, class_mask)
             strong_instance = kd_divergence(strong_student, strong_teacher, T)
             total = total + w_instance * (instance + strong_instance) + w_batch * batch + w_class * classes
         return total

@@ -49,6 +49,13 @@ class StageResult:
     def last_top1(self) -> float:
         return self.history[-1]["val_top1"] if self.history else float("nan")
 
+    @property
+    def best_test_top1(self) -> Optional[float]:
+        """The test top-1 of the best epoch, when validation used a held-out split (dataset.val_split)."""
+        if not 1 <= self.best_epoch <= len(self.history):
+            return None
+        return self.history[self.best_epoch - 1].get("test_top1")
+
 
 @dataclass
 class Stage:
@@ -109,8 +116,11 @@ def prepare_training(stage: Stage, forward: StepForward, loss: DistillLoss, trai
     return Training(stage, student, loss, train_set, step, optimizer, scheduler, steps_per_epoch)
 
 
-def train(stage: Stage, forward: StepForward, loss: DistillLoss, train_set, val_set) -> StageResult:
+def train(stage: Stage, forward: StepForward, loss: DistillLoss, train_set, val_set, test_set=None) -> StageResult:
     """Train `forward.student` with `loss`; save last.pt every epoch and best.pt at the best validation top-1.
+
+    `val_set` picks the best epoch. `test_set`, given when validation is a held-out part of the training
+    set (dataset.val_split), is evaluated every epoch too and recorded as `test_top1`, never used to choose.
 
     `forward` holds what a step runs: the student, and the teacher as a model, its cached outputs
     (kdrun.engine.teacher_cache), feature taps or a strong view (kdrun.engine.forward.StepForward).
@@ -119,6 +129,7 @@ def train(stage: Stage, forward: StepForward, loss: DistillLoss, train_set, val_
     training = prepare_training(stage, forward, loss, train_set)
     model, recipe, device = training.student, stage.recipe, stage.device
     val_set = on_device(val_set, device)
+    test_set = on_device(test_set, device) if test_set is not None else None
     result, start_epoch = _resume(stage, training) if stage.resume else (StageResult(), 0)
     epochs_bar = tqdm(range(start_epoch, recipe.epochs), desc=stage.name, unit="epoch",
                       disable=not stage.progress, initial=start_epoch, total=recipe.epochs)
@@ -128,8 +139,11 @@ def train(stage: Stage, forward: StepForward, loss: DistillLoss, train_set, val_
         distributed.sync_buffers(model)  # every process evaluates (and rank 0 saves) rank 0's BatchNorm statistics
         val_logits, val_labels = predict(model, val_set, recipe.batch_size, device)
         val_top1 = (val_logits.argmax(1) == val_labels).float().mean().item()
-        record = {"epoch": epoch + 1, **train_stats, "val_top1": val_top1,
-                  "seconds": round(time.perf_counter() - started, 3)}
+        record = {"epoch": epoch + 1, **train_stats, "val_top1": val_top1}
+        if test_set is not None:
+            test_logits, test_labels = predict(model, test_set, recipe.batch_size, device)
+            record["test_top1"] = (test_logits.argmax(1) == test_labels).float().mean().item()
+        record["seconds"] = round(time.perf_counter() - started, 3)
         result.history.append(record)
         improved = val_top1 > result.best_top1
         if improved:

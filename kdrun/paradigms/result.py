@@ -132,7 +132,10 @@ def time_models_of(*results) -> None:
 
 
 def training_summary(result: StageResult) -> dict:
-    return {"best_top1": result.best_top1, "best_epoch": result.best_epoch, "last_top1": result.last_top1}
+    summary = {"best_top1": result.best_top1, "best_epoch": result.best_epoch, "last_top1": result.last_top1}
+    if result.best_test_top1 is not None:   # dataset.val_split: the test accuracy of the epoch validation chose
+        summary["best_test_top1"] = result.best_test_top1
+    return summary
 
 
 def term_temperatures(loss: nn.Module) -> dict:

@@ -24,7 +24,7 @@ def run_metrics(ctx: RunContext, paradigm: str, result: ParadigmResult, started:
         "kdrun_version": __version__,
         "paradigm": paradigm,
         "dataset": {"name": data.name, "num_classes": data.num_classes, "train_size": len(data.train),
-                    "test_size": len(data.test)},
+                    "test_size": len(data.test), **({"val_size": len(data.val)} if data.val is not None else {})},
         "method": cfg.distill.get("name", "custom"),
         "T": cfg.T,
         "alpha": cfg.alpha,

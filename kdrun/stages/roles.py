@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+from kdrun.data.bundle import validation_set
 from kdrun.data.strong_view import strong_view_for
 from kdrun.distill import DistillLoss, build_loss, hard_label_loss, needs_features
 from kdrun.engine import distributed
@@ -98,7 +99,9 @@ def _train(ctx: RunContext, role: Role, checkpoint_dir, log_dir) -> StageResult:
     stage = Stage(role.stage, role.recipe, ctx.device, checkpoint_dir, role.meta, writer, ctx.progress,
                   role.reference, num_workers=ctx.data_workers, speed=ctx.speed, on_epoch=role.on_epoch)
     try:
-        return train(stage, role.forward, role.loss, ctx.data.train, ctx.data.test)
+        held_out = ctx.data.val is not None   # dataset.val_split: choose on it, report the test split per epoch
+        return train(stage, role.forward, role.loss, ctx.data.train, validation_set(ctx.data),
+                     test_set=ctx.data.test if held_out else None)
     finally:
         if role.writer is None:
             writer.close()
