@@ -309,3 +309,28 @@ def test_runner_keys_are_accepted_and_unknown_keys_rejected(tmp_path):
     with pytest.raises(KdrunError) as excinfo:
         build_dataset({"name": "synthetic", "image_szie": 8})
     assert_one_line_error(excinfo, "dataset.image_szie", "image_size")
+
+
+# The dataset keys a stage-cache key held before `val_split` and `pack` existed: entries written then must
+# still match a run that does not use them (a changed key would retrain every cached teacher once).
+KEYS_BEFORE_HOLDOUT_AND_PACK = {
+    "embedded": ["name", "split_seed", "test_fraction"],
+    "torchvision": ["augment", "download", "name", "root"],
+    "imagefolder": ["augment", "image_size", "in_chans", "mean", "name", "num_workers", "root", "std", "train_dir",
+                    "val_dir"],
+    "synthetic": ["image_size", "in_chans", "name", "num_classes", "seed", "test_size", "train_size"],
+}
+
+
+def test_stage_cache_keys_leave_out_newer_dataset_keys_at_their_neutral_values():
+    from kdrun.config.groups import SCHEMAS, schema_defaults
+    from kdrun.data.options import cache_key_options
+
+    assert sorted(SCHEMAS["dataset"]) == sorted(KEYS_BEFORE_HOLDOUT_AND_PACK)
+    for family, schema in SCHEMAS["dataset"].items():
+        defaults = {**schema_defaults(schema), "name": family}
+        assert sorted(cache_key_options(defaults)) == KEYS_BEFORE_HOLDOUT_AND_PACK[family], family
+    held_out = cache_key_options({"name": "mnist5k", "val_split": 0.1, "val_split_seed": 3})
+    assert held_out == {"name": "mnist5k", "val_split": 0.1, "val_split_seed": 3}  # a holdout changes the training set
+    packed = cache_key_options({"name": "imagefolder", "pack": True, "pack_dir": "/fast/disk"})
+    assert packed == {"name": "imagefolder", "pack": True}  # where the pack lives changes nothing trained

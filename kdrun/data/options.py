@@ -65,3 +65,21 @@ def absolute_path(path: Any) -> str:
     from hydra.utils import to_absolute_path
 
     return os.path.abspath(to_absolute_path(os.path.expanduser(str(path))))
+
+
+# Keys that dataset configs gained after stage-cache entries had been written, and the value at which each
+# leaves the data as it was: a stage's key leaves them out at that value, so those entries still match.
+NEUTRAL_KEYS = {"val_split": 0.0, "pack": False}
+# Keys that change where files live or how fast they are read, never what a model is trained on.
+PLACEMENT_KEYS = ("pack_dir",)
+
+
+def cache_key_options(dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset config as a stage-cache key reads it (kdrun.stages.roles, kdrun.engine.teacher_cache)."""
+    options = {k: v for k, v in dataset.items() if k not in PLACEMENT_KEYS}
+    for key, neutral in NEUTRAL_KEYS.items():
+        if key in options and options[key] == neutral:
+            del options[key]
+    if "val_split" not in options:
+        options.pop("val_split_seed", None)  # no holdout: its seed draws nothing
+    return options

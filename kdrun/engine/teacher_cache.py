@@ -223,8 +223,10 @@ def teacher_outputs_for_run(ctx, teacher: nn.Module, pairing: Optional[FeaturePa
     """The distill stage's entry point: the run's teacher, data and cache settings (a RunContext)."""
     from omegaconf import OmegaConf
 
+    from kdrun.data.options import cache_key_options
+
     check_cacheable(ctx.data.train, ctx.data.name)
-    dataset_cfg = OmegaConf.to_container(ctx.cfg.dataset, resolve=True)
+    dataset_cfg = cache_key_options(OmegaConf.to_container(ctx.cfg.dataset, resolve=True))
     spec = cache_spec(ctx.cfg.teacher.name, teacher, dataset_cfg, ctx.data.train, pairing, speed)
     return load_or_build(ctx.cache_root, spec, teacher, pairing, ctx.data.train, ctx.cfg.batch_size, ctx.device,
                          speed, float(ctx.cfg.teacher.cache_max_mb))

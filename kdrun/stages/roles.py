@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from kdrun.data.bundle import validation_set
+from kdrun.data.options import cache_key_options
 from kdrun.data.strong_view import strong_view_for
 from kdrun.distill import DistillLoss, build_loss, hard_label_loss, needs_features
 from kdrun.engine import distributed
@@ -114,7 +115,7 @@ def hard_label_role(ctx: RunContext, stage: str, role: str) -> Role:
     model_spec = {"name": model_cfg.name, "pretrained": model_cfg.pretrained, "kwargs": plain(model_cfg.kwargs)}
     if model_cfg.get("checkpoint"):  # initial weights (student.checkpoint): keyed by content, not by path
         model_spec["checkpoint_sha256"] = file_sha256(Path(model_cfg.checkpoint).expanduser())
-    spec = {"stage": stage, "model": model_spec, "dataset": plain(ctx.cfg.dataset), "recipe": vars(recipe),
+    spec = {"stage": stage, "model": model_spec, "dataset": cache_key_options(plain(ctx.cfg.dataset)), "recipe": vars(recipe),
             **numerics_key(ctx.speed)}
     return Role(stage, StepForward(model), hard_label_loss(), ctx.meta(role), recipe, cache_spec=spec)
 
