@@ -96,7 +96,7 @@ def deployed(tmp_path_factory, run_kdrun, tiny_args, read_metrics):
     """A short distillation on digits, its student exported in every format and quantized to int8."""
     cwd = tmp_path_factory.mktemp("deploy")
     on_digits = [a for a in tiny_args if not a.startswith("dataset")] + ["dataset=digits"]
-    done = run_kdrun([*on_digits, "teacher.epochs=2", "epochs=5", "baseline=false", "export=[onnx,program,torchscript]",
+    done = run_kdrun([*on_digits, "teacher.epochs=1", "epochs=3", "batch_size=64", "baseline=false", "export=[onnx,program,torchscript]",
                       "quantize=int8", "quantize.calibration=256", "hydra.run.dir=run"], cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return cwd / "run", read_metrics(cwd / "run"), done.stdout
