@@ -96,8 +96,8 @@ def deployed(tmp_path_factory, run_kdrun, tiny_args, read_metrics):
     """A short distillation on digits, its student exported in every format and quantized to int8."""
     cwd = tmp_path_factory.mktemp("deploy")
     on_digits = [a for a in tiny_args if not a.startswith("dataset")] + ["dataset=digits"]
-    done = run_kdrun([*on_digits, "teacher.epochs=1", "epochs=3", "batch_size=64", "baseline=false", "export=[onnx,program,torchscript]",
-                      "quantize=int8", "quantize.calibration=256", "hydra.run.dir=run"], cwd)
+    done = run_kdrun([*on_digits, "teacher.epochs=1", "epochs=3", "batch_size=64", "baseline=false",
+                      "export=[onnx,program,torchscript]", "quantize=int8", "quantize.calibration=256", "hydra.run.dir=run"], cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return cwd / "run", read_metrics(cwd / "run"), done.stdout
 
@@ -136,3 +136,5 @@ def test_int8_alone_keeps_only_the_int8_file(run_kdrun, tiny_args, read_metrics,
     assert "student_onnx" not in metrics and "onnx" not in metrics["export"]
     assert sorted(p.name for p in (tmp_path / "run" / "export").iterdir()) == ["preprocessing.json",
                                                                                "student.int8.onnx"]
+    sidecar = json.loads((tmp_path / "run" / "export" / "preprocessing.json").read_text())
+    assert sidecar["files"] == {"int8": "student.int8.onnx"}

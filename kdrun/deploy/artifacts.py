@@ -78,10 +78,15 @@ def deploy(ctx: RunContext, result: ParadigmResult) -> Optional[KdrunError]:
     result.extra["export"] = report
     try:
         files = export_model(exported, example_images(ctx), directory, files_wanted, name)
-        report["preprocessing"] = str(write_preprocessing(directory, ctx.data, name, files))
+        shipped = {fmt: path for fmt, path in files.items() if fmt in formats}
+        if quantize == "int8":
+            shipped["int8"] = directory / INT8_FILE
+        report["preprocessing"] = str(write_preprocessing(directory, ctx.data, name, shipped))
         logits, labels = predict_test_split(ctx, model)
         threads = timing_threads(ctx.device)
         for fmt, path in files.items():
+            if fmt not in formats:
+                continue  # the fp32 ONNX that int8 is made from, when only int8 was asked for
             report[fmt] = {"path": str(path), "size_mb": file_mb(path)}
             if fmt == "onnx":
                 onnx = artifact(ctx, OnnxRuntimeModel(path, threads), f"{name} onnx", path, logits, labels, reference)
@@ -101,7 +106,6 @@ def deploy(ctx: RunContext, result: ParadigmResult) -> Optional[KdrunError]:
             add(result, key, "int8", int8)
             if "onnx" not in formats:  # only the int8 model was asked for: its fp32 source was a means
                 files["onnx"].unlink()
-                report.pop("onnx")
     except KdrunError as error:
         report["error"] = str(error)
         return error
