@@ -57,6 +57,13 @@ LIGHT = {
     "unknown optimizer": (["optim=adam"], "unknown optim 'adam'"),
     "unknown schedule": (["sched=step"], "unknown sched 'step'"),
     "unknown experiment": (["experiment=cifar100_resnet56"], "unknown experiment 'cifar100_resnet56'"),
+    "unknown export format": (["export=onxx"], "export=onxx is not an export format: choose from onnx, program, "
+                                               "torchscript (or a list: export=[onnx,program]); did you mean 'onnx'?"),
+    "unknown export format in a list": (["export=[onnx,tflite]"], "export=tflite is not an export format"),
+    "export not a name": (["export=3"], "export=3 must be a format or a list of them"),
+    "unknown quantization": (["quantize=int4"], "unknown quantize 'int4'"),
+    "zero calibration images": (["quantize=int8", "quantize.calibration=0"],
+                                "quantize.calibration=0 must be >= 1 training images"),
     "missing checkpoint": (["teacher.checkpoint=nowhere/t.pt"], "no such file"),
     "checkpoint is a folder": (["teacher.checkpoint={inputs}"], "is a directory"),
     "unknown flag": (["--epochs=3"], "unknown option '--epochs'"),

@@ -153,6 +153,14 @@ class MultiStepSchedConfig(SchedConfig):
     gamma: float = 0.1
 
 
+# --- quantization of the shipped model (conf/quantize/) ----------------------------------------------
+
+@dataclass
+class QuantizeConfig:
+    name: str = "none"          # none, or int8: ONNX Runtime's static int8 quantization after training
+    calibration: int = 512      # training images that calibrate the activations' ranges
+
+
 # --- paradigms (conf/paradigm/) ------------------------------------------------------------------------
 
 @dataclass
@@ -190,6 +198,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "distill": {"method": DistillMethod, "logit_standardized": LogitStandardizedMethod},
     "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "sched": {"plain": SchedConfig, "multistep": MultiStepSchedConfig},
+    "quantize": {"plain": QuantizeConfig},
     "paradigm": {"plain": ParadigmConfig, "online": OnlineParadigm, "self": SelfParadigm,
                  "multi_teacher": MultiTeacherParadigm},
 }

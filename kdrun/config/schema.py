@@ -14,7 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.config.groups import (EXTRA_KEYS, SCHEMAS, DatasetConfig, DistillMethod, OptimConfig, ParadigmConfig,
-                                 SchedConfig, keys_past_schema, schema_keys)
+                                 QuantizeConfig, SchedConfig, keys_past_schema, schema_keys)
+from kdrun.config.deploy_checks import check_deploy
 from kdrun.config.inputs import check_inputs
 from kdrun.config.values import check_finite, check_values
 from kdrun.errors import KdrunError
@@ -65,12 +66,15 @@ class KdrunConfig:
     compile: bool = False             # torch.compile of student and teacher
     lr_scaling: str = "none"          # none, or linear: lr * batch_size / lr_base_batch
     lr_base_batch: int = 64
+    # The shipped model (README "Export and quantization"): export=onnx, export=[onnx,program,torchscript]
+    export: Any = None                # a format name or a list of them; none or null: no export
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)   # conf/quantize/: none, int8
 
 
 # Shuffling seeds a generator with seed * 100_003 + epoch (engine/loaders.py), which must fit in 64 bits.
 MAX_SEED = 10**14
 
-GROUP_FIELDS = ("teacher", "student", "assistant", "dataset", "distill", "paradigm", "optim", "sched")
+GROUP_FIELDS = ("teacher", "student", "assistant", "dataset", "distill", "paradigm", "optim", "sched", "quantize")
 
 
 def register_configs() -> None:
@@ -126,6 +130,7 @@ def validate(cfg: DictConfig) -> None:
     _check("terms" in cfg.distill and len(cfg.distill.terms) > 0,
            "the distill config lists no loss terms: pick a method with distill=NAME, e.g. distill=kd")
     check_group_keys(cfg)
+    check_deploy(cfg)
     check_values(cfg)  # optimizer, schedule, loader and loss-term values that reach torch
     check_inputs(cfg)  # device, dataset name, checkpoint paths: still before any heavy import
     from kdrun.config.paradigm_checks import validate_paradigm  # pure Python: still before heavy imports

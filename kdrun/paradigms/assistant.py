@@ -68,6 +68,7 @@ def run(ctx: RunContext) -> ParadigmResult:
         models={"teacher": teacher_metrics, "assistant": assistant_metrics, "baseline": baseline,
                 "student": student_metrics},
         rows=rows, history=student.result.history, temperatures=term_temperatures(student.loss),
+        deployable=("student", student.model),
         footer=lambda metrics: "" if baseline is None else (
             f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
             f"(T={cfg.T}, alpha={cfg.alpha}, {metrics['method']} through {assistant_cfg['name']})"))

@@ -90,6 +90,7 @@ def run(ctx: RunContext) -> ParadigmResult:
                 "ensemble": ensemble},
         rows=rows + [("ensemble", ensemble)], history=outcome.result.history,
         extra={"gain_over_teacher": gain_over_teacher}, temperatures=term_temperatures(outcome.loss),
+        deployable=("student", models[-1]),
         footer=lambda metrics: (f"gain over the teacher: {100 * gain_over_teacher:+.2f} points after {generations} "
                                 f"generation(s) (T={cfg.T}, alpha={cfg.alpha}, {metrics['method']})"))
 

@@ -99,7 +99,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     return ParadigmResult(
         models={"teacher": teacher_metrics, "teachers": teacher_results, "baseline": baseline,
                 "student": student_metrics},
-        rows=rows, history=result.history, temperatures=term_temperatures(loss),
+        rows=rows, history=result.history, temperatures=term_temperatures(loss), deployable=("student", student),
         footer=lambda metrics: (f"gain over baseline: {100 * metrics['gain_over_baseline']:+.2f} points "
                                 f"(T={cfg.T}, alpha={cfg.alpha}, {weighting} of {len(configs)} teachers)")
         if baseline else "")

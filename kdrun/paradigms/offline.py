@@ -40,7 +40,7 @@ def run(ctx: RunContext) -> ParadigmResult:
         models={"teacher": teacher_metrics, "baseline": baseline_metrics, "student": student_metrics},
         rows=[("teacher", teacher_metrics), ("baseline", baseline_metrics), ("distilled", student_metrics)],
         history=student.result.history, footer=footer, temperatures=term_temperatures(student.loss),
-        test_logits={"teacher": teacher_logits, "student": student_logits}, labels=labels)
+        test_logits={"teacher": teacher_logits, "student": student_logits}, labels=labels, deployable=("student", student.model))
 
 
 def footer(metrics: dict) -> str:

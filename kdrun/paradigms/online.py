@@ -108,6 +108,7 @@ def run(ctx: RunContext) -> ParadigmResult:
     return ParadigmResult(models={"teacher": None, "baseline": baseline, "student": student, "peers": peers,
                                   "ensemble": ensemble_metrics},
                           rows=rows, history=result.history, footer=lambda metrics: footer,
+                          deployable=("student", cohort.members[0]),
                           temperatures=term_temperatures(loss))
 
 

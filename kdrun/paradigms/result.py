@@ -36,6 +36,8 @@ class ParadigmResult:
     temperatures: dict = field(default_factory=dict)     # loss term -> the temperature(s) it used
     test_logits: dict[str, torch.Tensor] = field(default_factory=dict)   # for the reliability diagram
     labels: Optional[torch.Tensor] = None
+    # The model a deployment ships (export=, quantize=): the metrics.json key it is reported under, and the model.
+    deployable: Optional[tuple[str, nn.Module]] = None
 
 
 def predict_test_split(ctx: RunContext, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,12 +96,27 @@ def measured_cost(ctx: RunContext, model: nn.Module, name: str) -> dict:
     together (`time_models_of`). Measured once per architecture in a run: the generations and peers
     of one architecture, or a baseline and its distilled student, cost the same."""
     key = (str(ctx.run_dir), name, count_parameters(model))
-    input_shape = (ctx.data.in_chans, *ctx.data.image_size)
     if key not in _measured:
-        _measured[key] = {"params": key[2], "flops": count_flops(model, input_shape, ctx.device)}
+        _measured[key] = {"params": key[2], "flops": count_flops(model, input_shape_of(ctx), ctx.device)}
+    return _timed_later(ctx, key, model)
+
+
+def runtime_cost(ctx: RunContext, model: nn.Module, name: str, params: int, flops: int) -> dict:
+    """The cost of a model another runtime runs (an exported or quantized file behind nn.Module's call): the
+    params and FLOPs of the PyTorch model it came from; its speed measured with the run's models."""
+    key = (str(ctx.run_dir), name, params)
+    _measured.setdefault(key, {"params": params, "flops": flops})
+    return _timed_later(ctx, key, model)
+
+
+def input_shape_of(ctx: RunContext) -> tuple[int, ...]:
+    return (ctx.data.in_chans, *ctx.data.image_size)
+
+
+def _timed_later(ctx: RunContext, key: tuple, model: nn.Module) -> dict:
     cost = dict(_measured[key])
     if "latency_ms" not in cost:
-        _untimed.add(key, model, (input_shape, ctx.cfg.batch_size, ctx.device), cost)
+        _untimed.add(key, model, (input_shape_of(ctx), ctx.cfg.batch_size, ctx.device), cost)
     return cost
 
 

@@ -36,7 +36,8 @@ def _one_stage(ctx: RunContext, outcome: StageOutcome, role: str, key: str) -> P
     checkpoint = str(ctx.run_dir / "checkpoints" / "last.pt")
     return ParadigmResult(models={"teacher": None, "baseline": None, "student": None, key: metrics_of_model},
                           rows=[(key, metrics_of_model)], history=history, extra={"checkpoint": checkpoint},
-                          footer=lambda metrics: f"saved {key} to {checkpoint} (and the stage cache)")
+                          footer=lambda metrics: f"saved {key} to {checkpoint} (and the stage cache)",
+                          deployable=(key, outcome.model))
 
 
 def stage_history(outcome: StageOutcome) -> list[dict]:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun import __version__
 from kdrun.config.paradigm_checks import paradigm_name, unread_settings
 from kdrun.data import build_dataset, describe
+from kdrun.deploy.artifacts import check_exportable, compare_speed, deploy
 from kdrun.distill import check_terms, needs_strong_view
 from kdrun.engine import distributed
 from kdrun.engine.seeding import seed_everything
@@ -66,9 +67,13 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
     paradigm = PARADIGMS.get(paradigm_name(cfg), "paradigm.name")
     ctx = build_context(cfg, run_dir, overrides)
     result = paradigm(ctx)
+    failure = deploy(ctx, result)  # export=, quantize=: artifacts checked on the test split
     time_models_of(result.models, result.rows, result.extra)  # the run's models, timed together, interleaved
+    compare_speed(result)
     metrics = run_metrics(ctx, paradigm_name(cfg), result, started)
     write_results(ctx, result, metrics)
+    if failure is not None:  # the training results are written: nothing trained is lost
+        raise failure
     return metrics
 
 
@@ -96,4 +101,5 @@ def build_context(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]]
     ctx = RunContext(cfg, data, device, run_dir, show_progress(cfg.progress) and distributed.is_main(), speed,
                      list(overrides or []))
     preflight(ctx, paradigm_name(cfg))  # every model of the run takes one training step: fail now, not after a stage
+    check_exportable(ctx)  # export=/quantize=: the untrained model goes through torch.export
     return ctx
