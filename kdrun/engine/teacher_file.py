@@ -74,7 +74,7 @@ def dataset_fingerprint(data: DataBundle) -> str:
     digest = hashlib.sha256(json.dumps([data.name, data.num_classes]).encode())
     for split in (data.train, data.test):
         keys = sample_keys(split)
-        digest.update(keys.tobytes() if keys.dtype != np.str_ else "\n".join(keys.tolist()).encode())
+        digest.update(keys.tobytes() if keys.dtype.kind != "U" else "\n".join(keys.tolist()).encode())
         digest.update(sample_labels(split).numpy().astype(np.int64).tobytes())
         if isinstance(split, InMemoryDataset):
             digest.update(split.images.cpu().numpy().tobytes())
@@ -218,7 +218,7 @@ def check_split(where: str, split: str, part: StoredSplit, kind: str, k: Optiona
                          "once (duplicate keys): each sample needs exactly one row")
     unknown = sorted(set(keys.tolist()) - set(expected.tolist()))
     if unknown:
-        what = "files" if expected.dtype == np.str_ else "sample indices"
+        what = "files" if expected.dtype.kind == "U" else "sample indices"
         raise KdrunError(f"{where}: key(s) {_few(unknown)} of its {split} split match none of dataset {data.name}'s "
                          f"{split} {what} (keys are {'paths relative to the split folder' if what == 'files' else 'indices from 0'}): "
                          "export the teacher's outputs on this dataset")
@@ -289,7 +289,7 @@ def as_logits(part: StoredSplit, kind: str, num_classes: int) -> torch.Tensor:
 def in_dataset_order(part: StoredSplit, rows: torch.Tensor, dataset: Dataset) -> torch.Tensor:
     """`rows` (file order) reordered so that row i is the dataset's sample i (the checks ran first)."""
     expected = sample_keys(dataset)
-    if expected.dtype != np.str_:
+    if expected.dtype.kind != "U":
         order = np.empty(len(expected), dtype=np.int64)
         order[part.keys.astype(np.int64)] = np.arange(len(part.keys))
     else:
