@@ -307,7 +307,8 @@ def _teacher_outputs(inputs: Path) -> None:
         a["meta"] = np.array(str(a["meta"]).replace('"num_classes": 10', '"num_classes": 7'))
         a["train_logits"], a["test_logits"] = a["train_logits"][:, :7], a["test_logits"][:, :7]
     changed("classes7", "logits", classes7)
-    changed("short", "logits", lambda a: a.update(train_keys=a["train_keys"][:300], train_logits=a["train_logits"][:300]))
+    changed("short", "logits",
+            lambda a: a.update(train_keys=a["train_keys"][:300], train_logits=a["train_logits"][:300]))
     changed("duplicate", "logits", lambda a: a["train_keys"].__setitem__(6, 5))
     changed("unknown_key", "logits", lambda a: a["train_keys"].__setitem__(6, 999))
     changed("nan", "logits", lambda a: a["train_logits"].__setitem__((7, 3), np.nan))

@@ -218,10 +218,10 @@ def check_split(where: str, split: str, part: StoredSplit, kind: str, k: Optiona
                          "once (duplicate keys): each sample needs exactly one row")
     unknown = sorted(set(keys.tolist()) - set(expected.tolist()))
     if unknown:
-        what = "files" if expected.dtype.kind == "U" else "sample indices"
+        what, form = (("files", "paths relative to the split folder") if expected.dtype.kind == "U"
+                      else ("sample indices", "indices from 0"))
         raise KdrunError(f"{where}: key(s) {_few(unknown)} of its {split} split match none of dataset {data.name}'s "
-                         f"{split} {what} (keys are {'paths relative to the split folder' if what == 'files' else 'indices from 0'}): "
-                         "export the teacher's outputs on this dataset")
+                         f"{split} {what} (keys are {form}): export the teacher's outputs on this dataset")
     for name, value in part.arrays.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             bad = np.flatnonzero(~np.isfinite(value.reshape(rows, -1)).all(1))
@@ -258,7 +258,7 @@ def _few(values: list, shown: int = 5) -> str:
     return text + (f" and {len(values) - shown} more" if len(values) > shown else "")
 
 
-# --- what the loss terms read ------------------------------------------------------------------------------------------
+# --- what the loss terms read -------------------------------------------------------------------------------------
 
 def topk_distribution(ids: torch.Tensor, probabilities: torch.Tensor, num_classes: int) -> torch.Tensor:
     """The full distribution (B, K) a top-k answer stands for: the k given probabilities where they are,

@@ -68,7 +68,8 @@ def footer(metrics: dict) -> str:
                      f"(T={metrics['T']}, alpha={metrics['alpha']}, {metrics['method']})")
     student = metrics["student"]
     lines.append(f"student vs teacher: agreement {shown(student.get('agreement'), '.2f', 100, '%')}, "
-                 f"KL(T=1) {shown(student.get('kl_t1'), '.4f')}, KL(T={metrics['T']:g}) {shown(student.get('kl_T'), '.4f')}, "
+                 f"KL(T=1) {shown(student.get('kl_t1'), '.4f')}, "
+                 f"KL(T={metrics['T']:g}) {shown(student.get('kl_T'), '.4f')}, "
                  f"retained {shown(metrics['retained'], '.1f', 100, '%')}, "
                  f"compression {shown(metrics['compression'], '.2f', unit='x')}, "
                  f"speed-up {shown(metrics['speedup'], '.2f', unit='x')}")

@@ -91,11 +91,11 @@ def check_method(distill_cfg: Mapping[str, Any], kind: str, path: str) -> None:
         return
     for name, spec in distill["terms"].items():
         cls = check_term(name, spec)
-        if spec.get("weight", 1.0) and cls is not CrossEntropyTerm and not getattr(cls, "reads_teacher_label_only",
-                                                                                  False):
-            raise KdrunError(f"teacher.outputs={path} holds the teacher's labels only (kind label), but distill={method} "
-                             f"(term {name}) needs its probabilities: pass distill=hard (hard-label distillation), "
-                             "or export logits or top-k probabilities (teacher.export_kind=logits|topk)")
+        reads_label_only = cls is CrossEntropyTerm or getattr(cls, "reads_teacher_label_only", False)
+        if spec.get("weight", 1.0) and not reads_label_only:
+            raise KdrunError(f"teacher.outputs={path} holds the teacher's labels only (kind label), but "
+                             f"distill={method} (term {name}) needs its probabilities: pass distill=hard (hard-label "
+                             "distillation), or export logits or top-k probabilities (teacher.export_kind=logits|topk)")
 
 
 def stored_teacher_metrics(stored: StoredTeacher, data: DataBundle) -> tuple[dict, torch.Tensor]:
