@@ -194,6 +194,8 @@ HEAVY = {
     "unknown student layer, teacher to train": (["distill=fitnets", "+distill.student_layers=[nope]",
                                                  "+distill.teacher_layers=[stages.1]"], "nope"),
     # --- stored teacher outputs: each check of the file, before any training ---
+    "export k above the class count": (["paradigm=teacher", "teacher.export_outputs=true", "teacher.export_kind=topk",
+                                        "teacher.export_k=11"], "teacher.export_k=11 is more than the 10 classes"),
     "stored outputs not a file of the format": (["baseline=false", "teacher.outputs={inputs}/notes.pt"],
                                                 "is not a teacher-outputs file (a NumPy .npz archive"),
     "stored outputs of another class count": (stored("classes7"), "holds outputs over 7 classes but dataset "

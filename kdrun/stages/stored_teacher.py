@@ -71,6 +71,9 @@ def check_stored_run(cfg: DictConfig, data: DataBundle, device: torch.device) ->
     if cfg.teacher.export_outputs:
         check_cacheable(data.train, data.name, option="teacher.export_outputs=true",
                         fix="drop teacher.export_outputs")
+        if cfg.teacher.export_kind == "topk" and cfg.teacher.export_k > data.num_classes:
+            raise KdrunError(f"teacher.export_k={cfg.teacher.export_k} is more than the {data.num_classes} classes "
+                             f"of dataset {data.name}: pass teacher.export_k={min(5, data.num_classes)} or smaller")
     if not cfg.teacher.outputs:
         return
     check_cacheable(data.train, data.name, option="teacher.outputs=PATH", fix="drop teacher.outputs")
