@@ -17,6 +17,11 @@ HERE = Path(__file__).parent
 # A run that gets to the distill stage at once: the teacher is loaded, no baseline is trained.
 LOADED_TEACHER = ["teacher.checkpoint={inputs}/teacher.pt", "baseline=false"]
 
+def stored(name: str) -> list[str]:
+    """A run distilling from the prepared teacher-outputs file `outputs_<name>.npz` (make_inputs)."""
+    return ["baseline=false", f"teacher.outputs={{inputs}}/outputs_{name}.npz"]
+
+
 # name: (arguments after the tiny experiment's (tiny_args), a piece of the one-line error). {inputs} is the folder of prepared files.
 LIGHT = {
     "zero temperature": (["T=0"], "T=0.0 must be > 0"),
@@ -118,6 +123,17 @@ LIGHT = {
     "misspelt model key": (["teacher.nme=resnet18"], "did you mean 'name'?"),
     "misspelt launcher": (["hydra/launcher=jobli"], "unknown hydra/launcher 'jobli': choose one of basic, joblib"),
     "interpolation of nothing": (["tb_figures=${nope}"], "tb_figures: Interpolation key 'nope' not found"),
+    # --- stored teacher outputs (README "Stored teacher outputs"): the options ---
+    "unknown export kind": (["paradigm=teacher", "teacher.export_outputs=true", "teacher.export_kind=probs"],
+                            "teacher.export_kind=probs must be one of logits, topk, label"),
+    "zero export k": (["paradigm=teacher", "teacher.export_outputs=true", "teacher.export_k=0"],
+                      "teacher.export_k=0 must be >= 1"),
+    "export outside paradigm teacher": (["teacher.export_outputs=true"], "pass paradigm=teacher"),
+    "missing teacher outputs file": (["teacher.outputs=nowhere/t.npz"], "teacher.outputs=nowhere/t.npz: no such file"),
+    "teacher outputs with online": (["paradigm=online", "teacher.outputs={inputs}/outputs_logits.npz"],
+                                    "paradigm=online needs teacher models"),
+    "teacher outputs and checkpoint": (["teacher.outputs={inputs}/outputs_logits.npz", *LOADED_TEACHER],
+                                       "so teacher.checkpoint has nothing to act on"),
 }
 
 HEAVY = {
@@ -197,6 +213,28 @@ HEAVY = {
                                                       "batch, before any training"),
     "unknown student layer, teacher to train": (["distill=fitnets", "+distill.student_layers=[nope]",
                                                  "+distill.teacher_layers=[stages.1]"], "nope"),
+    # --- stored teacher outputs: each check of the file, before any training ---
+    "export k above the class count": (["paradigm=teacher", "teacher.export_outputs=true", "teacher.export_kind=topk",
+                                        "teacher.export_k=11"], "teacher.export_k=11 is more than the 10 classes"),
+    "stored outputs not a file of the format": (["baseline=false", "teacher.outputs={inputs}/notes.pt"],
+                                                "is not a teacher-outputs file (a NumPy .npz archive"),
+    "stored outputs of another class count": (stored("classes7"), "holds outputs over 7 classes but dataset "
+                                                                  "synthetic has 10"),
+    "stored outputs of another split size": (stored("short"), "its train split has 300 rows but dataset synthetic "
+                                                              "has 320 train samples (missing keys: 300, 301"),
+    "stored outputs with a duplicate key": (stored("duplicate"), "its train split lists key(s) 5 more than once"),
+    "stored outputs with an unknown key": (stored("unknown_key"), "key(s) 999 of its train split match none of "
+                                                                  "dataset synthetic's train sample indices"),
+    "stored outputs with nan": (stored("nan"), "its train_logits hold NaN or inf for 1 sample(s) (keys 7)"),
+    "stored top-k not a distribution": (stored("topk_over_one"), "the top-5 probabilities of 1 train sample(s) are "
+                                                                 "not a distribution (key 2 sums to 1.3)"),
+    "stored outputs of another dataset version": (stored("other_version"), "was written for another version of "
+                                                                           "dataset synthetic"),
+    "stored outputs with a feature method": ([*stored("logits"), "distill=fitnets"],
+                                             "distill=fitnets needs a white-box teacher"),
+    "stored labels with a soft-target method": (stored("label"), "holds the teacher's labels only (kind label), but "
+                                                                 "distill=kd (term kd) needs its probabilities: pass "
+                                                                 "distill=hard"),
 }
 
 # Runs into a directory that already holds work: the error must leave it as it was (metrics.json aside).
@@ -262,6 +300,41 @@ def make_inputs(inputs: Path) -> None:
     (inputs / "torn_run" / "checkpoints" / "last.pt").write_bytes(whole[:1000])
     peers = _kdrun_checkpoint(_model_state("cifar:resnet8"), name="peers:cifar:resnet8,cifar:resnet8")
     torch.save(peers, inputs / "peers_last.pt")  # an online run's last.pt: all its peers
+    _teacher_outputs(inputs)
+
+
+def _teacher_outputs(inputs: Path) -> None:
+    """outputs_<case>.npz: teacher-outputs files for the tiny experiment's dataset, each wrong in one way."""
+    import numpy as np
+
+    from kdrun.data import build_dataset
+    from kdrun.engine.teacher_file import write_outputs
+
+    tiny = {"name": "synthetic", "image_size": 16, "train_size": 320, "test_size": 64}
+    data = build_dataset(tiny)
+    generator = torch.Generator().manual_seed(0)
+    logits = {"train": torch.randn(320, 10, generator=generator), "test": torch.randn(64, 10, generator=generator)}
+    for kind in ("logits", "topk", "label"):
+        write_outputs(inputs / f"outputs_{kind}.npz", kind, 5, data, "cifar:resnet14", logits)
+    write_outputs(inputs / "outputs_other_version.npz", "logits", None, build_dataset({**tiny, "seed": 1}),
+                  "cifar:resnet14", logits)
+
+    def changed(name: str, source: str, change) -> None:
+        with np.load(inputs / f"outputs_{source}.npz") as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        change(arrays)
+        np.savez(inputs / f"outputs_{name}.npz", **arrays)
+
+    def classes7(a):
+        a["meta"] = np.array(str(a["meta"]).replace('"num_classes": 10', '"num_classes": 7'))
+        a["train_logits"], a["test_logits"] = a["train_logits"][:, :7], a["test_logits"][:, :7]
+    changed("classes7", "logits", classes7)
+    changed("short", "logits",
+            lambda a: a.update(train_keys=a["train_keys"][:300], train_logits=a["train_logits"][:300]))
+    changed("duplicate", "logits", lambda a: a["train_keys"].__setitem__(6, 5))
+    changed("unknown_key", "logits", lambda a: a["train_keys"].__setitem__(6, 999))
+    changed("nan", "logits", lambda a: a["train_logits"].__setitem__((7, 3), np.nan))
+    changed("topk_over_one", "topk", lambda a: a["train_topk_probs"].__setitem__(2, [0.5, 0.3, 0.2, 0.2, 0.1]))
 
 
 def _arguments(args: list[str], inputs: Path, tiny: tuple[str, ...]) -> list[str]:

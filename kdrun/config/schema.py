@@ -17,6 +17,7 @@ from kdrun.config.groups import (EXTRA_KEYS, SCHEMAS, DatasetConfig, DistillMeth
                                  QuantizeConfig, SchedConfig, keys_past_schema, schema_keys)
 from kdrun.config.deploy_checks import check_deploy
 from kdrun.config.inputs import check_inputs
+from kdrun.config.stored_teacher import check_stored_teacher
 from kdrun.config.values import check_finite, check_values
 from kdrun.errors import KdrunError
 from kdrun.paths import MODEL_GROUPS, model_preset, preset_names
@@ -33,6 +34,11 @@ class ModelConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the model constructor
     cache: bool = False               # teacher only: compute its outputs once and read them (engine/teacher_cache.py)
     cache_max_mb: float = 4096.0      # teacher only: largest cache (logits + features) to write
+    # Stored teacher outputs (README "Stored teacher outputs", engine/teacher_file.py), teacher only:
+    outputs: Optional[str] = None     # a teacher-outputs file read instead of building or running the teacher
+    export_outputs: bool = False      # paradigm=teacher: also write the teacher's outputs to RUN_DIR/teacher_outputs.npz
+    export_kind: str = "logits"       # what that file holds: logits, topk (ids + probabilities at T=1) or label
+    export_k: int = 5                 # export_kind=topk: how many classes per sample
 
 
 @dataclass
@@ -133,6 +139,7 @@ def validate(cfg: DictConfig) -> None:
     check_deploy(cfg)
     check_values(cfg)  # optimizer, schedule, loader and loss-term values that reach torch
     check_inputs(cfg)  # device, dataset name, checkpoint paths: still before any heavy import
+    check_stored_teacher(cfg)  # teacher.outputs / teacher.export_outputs
     from kdrun.config.paradigm_checks import validate_paradigm  # pure Python: still before heavy imports
 
     validate_paradigm(cfg)

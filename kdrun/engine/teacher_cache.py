@@ -74,8 +74,10 @@ def _rows(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return table[indices.cpu()].to(indices.device, non_blocking=True).float()
 
 
-def check_cacheable(train_set: Dataset, dataset_name: str) -> None:
-    """The one-line refusal for random training transforms, raised before any stage trains."""
+def check_cacheable(train_set: Dataset, dataset_name: str, option: str = "teacher.cache=true",
+                    fix: str = "teacher.cache=false") -> None:
+    """The one-line refusal for random training transforms, raised before any stage trains (stored teacher
+    outputs too: one answer per training image)."""
     if isinstance(train_set, InMemoryDataset):
         random_step = train_set.augment
     else:
@@ -83,8 +85,8 @@ def check_cacheable(train_set: Dataset, dataset_name: str) -> None:
         steps = getattr(transform, "transforms", [transform] if transform is not None else [])
         random_step = next((t for t in steps if type(t).__name__.startswith("Random")), None)
     if random_step is not None:
-        raise KdrunError(f"teacher.cache=true needs the same training images every epoch, but dataset {dataset_name} "
-                         f"augments them at random ({random_step!r}): pass dataset.augment=false, or teacher.cache=false")
+        raise KdrunError(f"{option} needs the same training images every epoch, but dataset {dataset_name} "
+                         f"augments them at random ({random_step!r}): pass dataset.augment=false, or {fix}")
 
 
 def weights_digest(model: nn.Module) -> str:

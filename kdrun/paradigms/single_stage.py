@@ -6,9 +6,11 @@ outputs too: metrics.json, checkpoints/{last,best}.pt and the training curves in
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from kdrun.engine.checkpoint import copy_atomic, read_checkpoint, save_model
+from kdrun.engine.teacher_file import EXPORT_FILE, export_teacher
 from kdrun.paradigms.registry import PARADIGMS
 from kdrun.paradigms.result import ParadigmResult, log_test_scalars, model_metrics, predict_test_split
 from kdrun.stages.context import RunContext
@@ -16,10 +18,21 @@ from kdrun.stages.roles import StageOutcome, obtain_baseline, obtain_teacher
 from kdrun.stages.steps import baseline_step, teacher_step
 from kdrun.tensorboard.writer import open_writer
 
+log = logging.getLogger("kdrun")
+
 
 @PARADIGMS.register("teacher", preflight=lambda ctx: iter([teacher_step(ctx)]))
 def run_teacher(ctx: RunContext) -> ParadigmResult:
-    return _one_stage(ctx, obtain_teacher(ctx), role="teacher", key="teacher")
+    outcome = obtain_teacher(ctx)
+    result = _one_stage(ctx, outcome, role="teacher", key="teacher")
+    if ctx.cfg.teacher.export_outputs:  # README "Stored teacher outputs"
+        teacher = ctx.cfg.teacher
+        path = export_teacher(outcome.model, ctx.data, ctx.run_dir / EXPORT_FILE, teacher.export_kind,
+                              teacher.export_k, teacher.name, ctx.cfg.batch_size, ctx.device)
+        log.info("teacher outputs (%s) of the training and test splits written to %s", teacher.export_kind, path)
+        result.extra["teacher_outputs"] = {"path": str(path), "kind": teacher.export_kind,
+                                           "k": int(teacher.export_k) if teacher.export_kind == "topk" else None}
+    return result
 
 
 @PARADIGMS.register("baseline", preflight=lambda ctx: iter([baseline_step(ctx)]))

@@ -95,6 +95,10 @@ def build_context(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]]
         if needs_strong_view(OmegaConf.to_container(cfg.distill, resolve=True)):
             raise KdrunError("teacher.cache=true cannot serve mlkd's strong views (new random images every step): "
                              "pass teacher.cache=false, or distill.terms.mlkd.augment=false")
+    if cfg.teacher.outputs or cfg.teacher.export_outputs:
+        from kdrun.stages.stored_teacher import check_stored_run
+
+        check_stored_run(cfg, data, device)  # the file against the dataset and the method, before any stage trains
     log.info("dataset %s; device %s; kdrun %s", describe(data), device, __version__)
     for note in unread_settings(cfg):
         log.warning(note)

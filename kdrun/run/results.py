@@ -46,7 +46,9 @@ def run_metrics(ctx: RunContext, paradigm: str, result: ParadigmResult, started:
 def comparisons(student: Optional[dict], teacher: Optional[dict], baseline: Optional[dict]) -> dict:
     """gain_over_baseline, retained, compression, speedup; null where a model is missing."""
     def ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
-        return a[key] / b[key] if a and b and b[key] > 0 else None
+        if not a or not b or a.get(key) is None or b.get(key) is None:  # a stored teacher has no size or speed
+            return None
+        return a[key] / b[key] if b[key] > 0 else None
 
     return {
         "gain_over_baseline": student["top1"] - baseline["top1"] if student and baseline else None,

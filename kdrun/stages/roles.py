@@ -140,12 +140,14 @@ def obtain_baseline(ctx: RunContext) -> StageOutcome:
     return train_role(ctx, hard_label_role(ctx, "baseline", "student"))
 
 
-def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float) -> StageOutcome:
-    """The student (ctx's `student` role) trained with the run's distill method from `teacher`."""
+def distill_student(ctx: RunContext, teacher: Optional[nn.Module], teacher_top1: Optional[float]) -> StageOutcome:
+    """The student (ctx's `student` role) trained with the run's distill method from `teacher` (None: the
+    stored outputs of teacher.outputs)."""
     _say_where_the_student_starts(ctx)
     model = ctx.build_model("student").to(ctx.device)
-    # Frozen from here on: even a dummy probe in train mode would move the teacher's BatchNorm statistics.
-    teacher.to(ctx.device).eval().requires_grad_(False)
+    if teacher is not None:
+        # Frozen from here on: even a dummy probe in train mode would move the teacher's BatchNorm statistics.
+        teacher.to(ctx.device).eval().requires_grad_(False)
     forward, loss = distill_forward(ctx, model, teacher)
     if forward.features is not None:
         pairing = forward.features
@@ -153,20 +155,28 @@ def distill_student(ctx: RunContext, teacher: nn.Module, teacher_top1: float) ->
                  [pairing.teacher.names[i] for i in pairing.teacher_index])
     writer = open_writer(ctx.run_dir)
     write_layout(writer)
-    figures = soft_target_logger(writer, ctx.data, model, teacher, ctx.cfg.T, int(ctx.cfg.tb_figures), ctx.device)
+    figures = None
+    if teacher is not None:
+        figures = soft_target_logger(writer, ctx.data, model, teacher, ctx.cfg.T, int(ctx.cfg.tb_figures),
+                                     ctx.device)
+    elif ctx.cfg.tb_figures:
+        log.info("tensorboard: no soft-target figures (they run the teacher model; this one is stored outputs)")
+    reference = {"teacher": teacher_top1} if teacher_top1 is not None else {}
     try:
         return train_role(ctx, Role("student", forward, loss, ctx.meta("student"), ctx.recipe("student"),
-                                    reference={"teacher": teacher_top1}, on_epoch=figures, writer=writer))
+                                    reference=reference, on_epoch=figures, writer=writer))
     finally:
         writer.close()
 
 
-def distill_forward(ctx: RunContext, model: nn.Module, teacher: nn.Module,
+def distill_forward(ctx: RunContext, model: nn.Module, teacher: Optional[nn.Module],
                     cached_teacher: bool = True) -> tuple[StepForward, DistillLoss]:
     """What a step of the distill stage runs (`model` learning from the frozen `teacher` with the run's method)
     and its loss. `cached_teacher=False`: the live teacher even with teacher.cache=true (the run's preflight,
-    which must not write the cache)."""
+    which must not write the cache). `teacher=None`: the stored outputs of teacher.outputs (read, never written)."""
     distill_cfg = plain(ctx.cfg.distill)
+    if teacher is None:
+        return stored_forward(ctx, model, distill_cfg)
     pairing, shapes = None, None
     if needs_features(distill_cfg):
         pairing = pair_features(ctx, model, teacher, distill_cfg)
@@ -182,6 +192,16 @@ def distill_forward(ctx: RunContext, model: nn.Module, teacher: nn.Module,
     forward = StepForward(model, teacher if loss.needs_teacher else None, pairing, outputs,
                           strong_view_for(loss, ctx.data))
     return forward, loss
+
+
+def stored_forward(ctx: RunContext, model: nn.Module, distill_cfg: dict) -> tuple[StepForward, DistillLoss]:
+    """The distill stage's step with teacher.outputs: the stored rows in place of a teacher (a response method:
+    stages.stored_teacher.check_method refused the others before the preflight)."""
+    from kdrun.stages.stored_teacher import stored_teacher
+
+    loss = build_loss(distill_cfg, None)
+    outputs = stored_teacher(ctx.cfg, ctx.data, ctx.device).train
+    return StepForward(model, None, None, outputs, strong_view_for(loss, ctx.data)), loss
 
 
 def pair_features(ctx: RunContext, student: nn.Module, teacher: nn.Module, distill_cfg: dict) -> FeaturePairing:

@@ -57,11 +57,13 @@ def baseline_step(ctx: RunContext) -> Step:
     return hard_label_step(ctx, "baseline", "student", f"student {ctx.cfg.student.name} (baseline)")
 
 
-def distill_step(ctx: RunContext, label: str, teacher: Callable[[], nn.Module], role: str = "student") -> Step:
-    """ctx's student learning from `teacher()` with the run's method (feature taps, adapters, strong views)."""
+def distill_step(ctx: RunContext, label: str, teacher: Optional[Callable[[], nn.Module]],
+                 role: str = "student") -> Step:
+    """ctx's student learning from `teacher()` with the run's method (feature taps, adapters, strong views);
+    `teacher=None`: from the stored outputs of teacher.outputs."""
     def build():
         model = ctx.build_model("student").to(ctx.device)
-        frozen = teacher().to(ctx.device).eval().requires_grad_(False)
+        frozen = teacher().to(ctx.device).eval().requires_grad_(False) if teacher is not None else None
         return distill_forward(ctx, model, frozen, cached_teacher=False)  # never writes the teacher cache
     return Step(label, role, build, ctx.recipe("student"), method=True)
 
