@@ -115,8 +115,8 @@ def hard_label_role(ctx: RunContext, stage: str, role: str) -> Role:
     model_spec = {"name": model_cfg.name, "pretrained": model_cfg.pretrained, "kwargs": plain(model_cfg.kwargs)}
     if model_cfg.get("checkpoint"):  # initial weights (student.checkpoint): keyed by content, not by path
         model_spec["checkpoint_sha256"] = file_sha256(Path(model_cfg.checkpoint).expanduser())
-    spec = {"stage": stage, "model": model_spec, "dataset": cache_key_options(plain(ctx.cfg.dataset)), "recipe": vars(recipe),
-            **numerics_key(ctx.speed)}
+    spec = {"stage": stage, "model": model_spec, "dataset": cache_key_options(plain(ctx.cfg.dataset)),
+            "recipe": vars(recipe), **numerics_key(ctx.speed)}
     return Role(stage, StepForward(model), hard_label_loss(), ctx.meta(role), recipe, cache_spec=spec)
 
 
