@@ -7,8 +7,8 @@ from typing import Iterator
 
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
-from kdrun.paradigms.result import (ParadigmResult, evaluated_baseline, evaluated_teacher, model_metrics,
-                                    predict_test_split, term_temperatures, training_summary)
+from kdrun.paradigms.result import (ParadigmResult, baseline_evaluated, evaluated_teacher, model_metrics,
+                                    predict_test_split, references, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext
 from kdrun.stages.roles import distill_student
 from kdrun.stages.steps import Step, baseline_step, distill_step, teacher_step
@@ -30,8 +30,9 @@ def run(ctx: RunContext) -> ParadigmResult:
     cfg = ctx.cfg
     teacher = evaluated_teacher(ctx)
     teacher_logits, labels, teacher_metrics = teacher.logits, teacher.labels, teacher.metrics
-    baseline_metrics = evaluated_baseline(ctx)
-    student = distill_student(ctx, teacher.outcome.model, teacher_metrics["top1"])
+    baseline = baseline_evaluated(ctx)
+    baseline_metrics = baseline.metrics if baseline is not None else None
+    student = distill_student(ctx, teacher.outcome.model, references=references(teacher, baseline))
     student_logits, _ = predict_test_split(ctx, student.model)
     student_metrics = model_metrics(ctx, student.model, cfg.student.name, student_logits, labels,
                                     **fidelity_metrics(student_logits, teacher_logits, cfg.T),
@@ -40,7 +41,8 @@ def run(ctx: RunContext) -> ParadigmResult:
         models={"teacher": teacher_metrics, "baseline": baseline_metrics, "student": student_metrics},
         rows=[("teacher", teacher_metrics), ("baseline", baseline_metrics), ("distilled", student_metrics)],
         history=student.result.history, footer=footer, temperatures=term_temperatures(student.loss),
-        test_logits={"teacher": teacher_logits, "student": student_logits}, labels=labels)
+        test_logits={"teacher": teacher_logits, **({"baseline": baseline.logits} if baseline is not None else {}),
+                     "student": student_logits}, labels=labels)
 
 
 def footer(metrics: dict) -> str:
