@@ -145,7 +145,7 @@ def reliability_figure(models: dict[str, tuple[torch.Tensor, torch.Tensor]], n_b
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy", fontsize=FONT)
         ax.set_title(f"{name}: ECE {100 * ece:.2f}%", fontsize=TITLE_FONT)
-        ax.legend(loc="upper left", fontsize=FONT - 1)
+        ax.legend(loc="best", fontsize=FONT - 1, framealpha=0.9)
         ax.tick_params(labelsize=FONT - 1)
         counts_ax.bar(bins["edges"][:-1], bins["count"], width=width, align="edge", color="grey")
         counts_ax.set_xlabel("confidence", fontsize=FONT)
