@@ -77,5 +77,4 @@ def test_a_paradigm_registered_in_one_place_runs_through_the_pipeline(tmp_path):
     # the written top-1 is the accuracy of the paradigm's own test predictions
     assert written["student"]["top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     hparams = EventAccumulator(str(tmp_path / "run")).Reload().PluginTagToContent("hparams")
-    # a single run: its HParams row and the HParams config
-    assert {"_hparams_/session_start_info", "_hparams_/experiment"} <= set(hparams)
+    assert "_hparams_/session_start_info" in hparams  # its HParams row

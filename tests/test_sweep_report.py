@@ -122,7 +122,7 @@ def test_the_sweep_run_holds_the_hparams_config_the_table_and_the_plots(sweep):
     infos = [info for info in experiment.hparam_infos]
     assert [info.name for info in infos][:6] == ["T", "alpha", "teacher", "student", "method", "job"]
     assert {info.name for info in infos if info.differs} == {"T", "alpha", "teacher", "student", "method"}
-    assert [v.number_value for v in infos[0].domain_discrete.values] == [1.0, 4.0]
+    assert (infos[0].domain_interval.min_value, infos[0].domain_interval.max_value) == (1.0, 4.0)
     assert [v.string_value for v in infos[5].domain_discrete.values] == sorted(JOBS)
     assert [m.display_name for m in experiment.metric_infos][:5] == [
         "student top-1", "gain over baseline", "agreement with teacher", "student ECE", "KL(T) to teacher"]

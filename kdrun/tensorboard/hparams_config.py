@@ -4,13 +4,15 @@ which order, under which names.
 Without a config, TensorBoard lists every hyperparameter alphabetically and shows the first five
 (T, alpha, batch_size, dataset, epochs), and takes every scalar tag as a metric. With this one:
 
-- hyperparameters: the swept keys (with their values as the domain), then teacher, student and method,
+- hyperparameters: the swept keys (with their domains), then teacher, student and method,
   then the job's name and the constants. TensorBoard 2.x lists first, and shows by default five of,
   those marked `differs` (sorted by name); the swept keys and teacher/student/method are marked so.
 - metrics, in this order (the first five are shown by default): the last points of the per-epoch
   curves (kdrun.tensorboard.curves), which are the numbers metrics.json reports.
 
-A sweep writes it once, in its own run (kdrun.tensorboard.sweep_run); a single run into itself.
+A sweep writes it once, in its own run (kdrun.tensorboard.sweep_run). A single run writes none:
+TensorBoard takes the first config it finds in a logdir, and one run's values must not filter the rows
+of the others.
 """
 from __future__ import annotations
 
@@ -52,11 +54,13 @@ def hparam_order(sessions: list[dict[str, Any]], swept: Iterable[str] = ()) -> t
 
 
 def _domain(values: list[Any]):
-    """The discrete domain of a hyperparameter's values, when they are all strings or all numbers."""
+    """Strings: the values the sweep used (as TensorBoard infers them). Numbers: the interval they span,
+    which TensorBoard draws as an axis and, unlike a list of values, never filters rows by: other runs in
+    the same logdir stay in the table."""
     if all(isinstance(v, str) for v in values):
         return hp.Discrete(sorted(set(values)))
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return hp.Discrete(sorted({float(v) for v in values}))
+        return hp.RealInterval(float(min(values)), float(max(values)))
     return None
 
 

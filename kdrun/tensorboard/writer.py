@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from kdrun.engine.ranks import is_main
-from kdrun.tensorboard.hparams_config import SAME_AS_MAIN, hparams_config_summary
+from kdrun.tensorboard.hparams_config import SAME_AS_MAIN
 
 # Custom Scalars tab: accuracy first (student, baseline and teacher top-1 on one chart; the gain over the
 # baseline on another), then one chart per loss term. Regular expressions anchored on whole tags, so a
@@ -81,9 +81,9 @@ def write_run_summary(run_dir: Path, cfg, metrics: dict, logits: Optional[dict[s
                       labels: Optional[torch.Tensor] = None, sweep_job: Optional[int] = None) -> None:
     """The HParams entry of the run and (with tb_figures > 0) its reliability diagrams.
 
-    `sweep_job`: the job's number in a multirun, None for a single run. A single run also writes the
-    HParams config (which columns, in which order); a sweep writes it once, in its own run
-    (kdrun.tensorboard.sweep_run). The teacher's diagram is drawn once per sweep, by job 0.
+    `sweep_job`: the job's number in a multirun, None for a single run. The HParams config (which
+    columns, in which order) is the sweep's, written once in its own run (kdrun.tensorboard.sweep_run).
+    The teacher's diagram is drawn once per sweep, by job 0 (and by a single run).
     The final numbers are the last points of the per-epoch curves (kdrun.tensorboard.curves): no
     single-point charts.
     """
@@ -92,10 +92,8 @@ def write_run_summary(run_dir: Path, cfg, metrics: dict, logits: Optional[dict[s
     try:
         hparam_values = run_hparams(cfg, metrics, metrics.get("overrides", []), Path(run_dir).name)
         # torch's add_hparams would open a second run (a subdirectory); the run's own writer keeps one.
-        # torch's experiment summary is left out: the config comes from hparams_config_summary.
+        # torch's experiment summary is left out: the config is the sweep's (hparams_config_summary).
         _, session_start, session_end = hparams(hparam_values, {})
-        if sweep_job is None:
-            writer.file_writer.add_summary(hparams_config_summary([hparam_values], swept=[]), step)
         writer.file_writer.add_summary(session_start, step)
         writer.file_writer.add_summary(session_end, step)
         if logits and labels is not None and int(cfg.get("tb_figures", 0)) > 0:
