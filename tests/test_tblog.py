@@ -148,10 +148,10 @@ def test_reliability_diagrams_baseline_and_student_side_by_side_teacher_once(tmp
     assert sorted(first.Tags()["images"]) == ["calibration/reliability", "calibration/teacher"]
     assert second.Tags()["images"] == ["calibration/reliability"]  # the teacher once per sweep
     (image,) = first.Images("calibration/reliability")
-    # two columns of 4.2 x 4.4 inches at 110 dpi
-    assert image.step == 2 and (image.width, image.height) == (924, 484)
+    # two columns, 5.3 x 4 inches at 110 dpi: about a TensorBoard card wide
+    assert image.step == 2 and (image.width, image.height) == (583, 440)
     (teacher,) = first.Images("calibration/teacher")
-    assert (teacher.width, teacher.height) == (462, 484)
+    assert (teacher.width, teacher.height) == (302, 440)
 
 
 def test_reliability_figure_has_one_column_per_model_with_bin_counts():
@@ -390,12 +390,14 @@ def test_soft_target_figure_is_sized_for_a_tensorboard_card():
     figure = SoftTargetFigure(np.ones((8, 8)) * 0.5, 3, names, logits.softmax(0), (logits / 4).softmax(0), 4.0, 0.9)
     pixels = figure.render((logits / 8).softmax(0), epoch=2)
     mpl_figure = figure.canvas.figure
-    assert mpl_figure.dpi == 110 and pixels.shape == (319, 1100, 3)  # 10 x 2.9 inches
+    assert mpl_figure.dpi == 110 and pixels.shape == (473, 506, 3)  # 4.6 x 4.3 inches: about a card wide
     assert mpl_figure.get_suptitle() == "T=4, alpha=0.9"
     texts = [t for ax in mpl_figure.axes for t in ax.findobj(Text) if t.get_text()]
     assert {t.get_fontsize() for t in texts} <= {9.0, 10.0, 11.0}
-    ticks = [label for ax in mpl_figure.axes[1:] for label in ax.get_xticklabels()]
-    assert len(ticks) == 30 and all(label.get_rotation() == 0 and len(label.get_text()) <= 3 for label in ticks)
+    ticks = mpl_figure.axes[3].get_xticklabels()  # the panels share one row of class names, under the last
+    assert [label.get_text() for label in ticks] == [names[c][:3] for c in figure.classes]
+    assert all(label.get_rotation() == 0 and label.get_visible() for label in ticks)
+    assert not any(label.get_visible() for ax in mpl_figure.axes[1:3] for label in ax.get_xticklabels())
     # tight margins: the drawing reaches within a few pixels of every edge
     drawn = np.argwhere((pixels < 250).any(2))
     (top, left), (bottom, right) = drawn.min(0), drawn.max(0)

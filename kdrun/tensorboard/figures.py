@@ -58,22 +58,31 @@ class SoftTargetFigure:
         self.T = T
         names = [class_names[c][:LABEL_CHARS] for c in self.classes]
         colors = ["tab:orange" if c == label else "tab:blue" for c in self.classes]
-        figure = Figure(figsize=(10, 2.9), dpi=DPI, layout="constrained")
+        # About a TensorBoard card wide (~500 px): the image, then the three panels stacked, sharing one
+        # row of class names, so that each bar gets ~35 px and each name stays upright.
+        figure = Figure(figsize=(4.6, 4.3), dpi=DPI, layout="constrained")
         figure.suptitle(run_title(T, alpha), fontsize=TITLE_FONT)
         self.canvas = FigureCanvasAgg(figure)
-        axes = figure.subplots(1, 4, gridspec_kw={"width_ratios": [0.5, 1, 1, 1]})
-        axes[0].imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
-        axes[0].set_title(f"label: {class_names[label][:LABEL_CHARS * 2]}", fontsize=FONT)
-        axes[0].axis("off")
+        grid = figure.add_gridspec(3, 2, width_ratios=[1, 3.3])
+        image_axes = figure.add_subplot(grid[0, 0])
+        image_axes.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+        image_axes.set_title(f"label: {class_names[label][:LABEL_CHARS * 2]}", fontsize=FONT)
+        image_axes.axis("off")
+        key = image_axes.text(0.5, -0.08, "orange:\nthe true class", transform=image_axes.transAxes, ha="center",
+                              va="top", fontsize=FONT - 1, color="tab:orange")
+        key.set_in_layout(False)  # in the empty cell under the image, not a reason to space the rows apart
+        axes = [image_axes]
         panels = [(teacher_t1, "teacher, T=1"), (teacher_soft, f"soft targets, T={T:g}"),
                   (torch.zeros_like(teacher_t1), self._student_title(100))]  # room for 3 digits
-        for ax, (probs, title) in zip(axes[1:], panels):
+        for row, (probs, title) in enumerate(panels):
+            ax = figure.add_subplot(grid[row, 1], sharex=axes[1] if row else None)
+            axes.append(ax)
             self.bars = ax.bar(range(k), probs[self.classes].tolist(), color=colors)
             ax.set_ylim(0, 1)
             ax.set_title(title, fontsize=FONT)
-            ax.set_xticks(range(k), names, fontsize=FONT)
-            ax.tick_params(axis="y", labelsize=FONT - 1, labelleft=ax is axes[1])  # one probability axis
             ax.set_yticks([0, 0.5, 1])
+            ax.tick_params(labelsize=FONT - 1, labelbottom=row == len(panels) - 1)  # names once, under the last
+        axes[3].set_xticks(range(k), names, fontsize=FONT)
         self.student_axes = axes[3]
         self.canvas.draw()                 # the constrained layout, with room for the student's title ...
         figure.set_layout_engine("none")   # ... then frozen: later epochs redraw only bars and title
@@ -121,10 +130,11 @@ def run_title(T: float, alpha: Optional[float]) -> str:
 
 def reliability_figure(models: dict[str, tuple[torch.Tensor, torch.Tensor]], n_bins: int, title: str = ""):
     """One column per model (name -> (logits, labels)): accuracy per confidence bin against the diagonal,
-    and under it the number of test images in each bin (empty bins say nothing about calibration)."""
+    and under it the number of test images in each bin (empty bins say nothing about calibration).
+    Two columns are about a TensorBoard card wide (~560 px)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(4.2 * len(models), 4.4), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(2.55 * len(models) + 0.2, 4.0), dpi=DPI, layout="constrained")
     if title:
         figure.suptitle(title, fontsize=TITLE_FONT)
     grid = figure.subplots(2, len(models), squeeze=False, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -144,11 +154,12 @@ def reliability_figure(models: dict[str, tuple[torch.Tensor, torch.Tensor]], n_b
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy", fontsize=FONT)
-        ax.set_title(f"{name}: ECE {100 * ece:.2f}%", fontsize=TITLE_FONT)
-        ax.legend(loc="best", fontsize=FONT - 1, framealpha=0.9)
+        ax.set_title(f"{name}: ECE {100 * ece:.2f}%", fontsize=FONT)
         ax.tick_params(labelsize=FONT - 1)
         counts_ax.bar(bins["edges"][:-1], bins["count"], width=width, align="edge", color="grey")
         counts_ax.set_xlabel("confidence", fontsize=FONT)
         counts_ax.set_ylabel("images", fontsize=FONT)
         counts_ax.tick_params(labelsize=FONT - 1)
+    handles, labels = grid[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=FONT - 1, frameon=False)
     return figure
