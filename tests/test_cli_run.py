@@ -86,7 +86,8 @@ def test_run_writes_every_output(first_run, tiny_args, read_metrics):
     events = EventAccumulator(str(run_dir)).Reload()
     for tag in ("train/loss", "train/loss_ce", "train/loss_kd", "train/lr"):
         assert [e.step for e in events.Scalars(tag)] == list(range(40)), tag
-    cached = {role: torch.load(metrics[role]["path"], weights_only=True)["history"] for role in ("teacher", "baseline")}
+    cached = {role: torch.load(run_dir.parent / metrics[role]["path"], weights_only=True)["history"]  # cwd-relative
+              for role in ("teacher", "baseline")}
     for tag, values in (("epoch/train_top1", [h["train_top1"] for h in metrics["history"]]),
                         ("epoch/val_top1", [h["val_top1"] for h in metrics["history"]]),
                         ("epoch/teacher_val_top1", [h["val_top1"] for h in cached["teacher"]]),

@@ -108,7 +108,7 @@ def test_each_job_holds_its_hparams_and_final_metrics_and_no_extra_runs(sweep, r
         assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("final/")]
         # the teacher's and baseline's real curves, as their cache entries recorded them
         for role in ("teacher", "baseline"):
-            cached = torch.load(metrics[role]["path"], weights_only=True)["history"]
+            cached = torch.load(sweep_dir.parent / metrics[role]["path"], weights_only=True)["history"]  # cwd-relative
             curve = events.Scalars(f"epoch/{role}_val_top1")
             assert [(e.step, e.value) for e in curve] == [
                 (h["epoch"], pytest.approx(h["val_top1"])) for h in cached], (job, role)
@@ -127,7 +127,9 @@ def test_the_sweep_run_holds_the_hparams_config_the_table_and_the_plots(sweep):
     assert [m.display_name for m in experiment.metric_infos][:5] == [
         "student top-1", "gain over baseline", "agreement with teacher", "student ECE", "KL(T) to teacher"]
     (text,) = events.Tensors("report/table/text_summary")
-    assert text.tensor_proto.string_val[0].decode() == (sweep_dir / "summary.md").read_text()
+    # summary.md's table (its title line names the root as given: kdrun-report above wrote it again)
+    table = text.tensor_proto.string_val[0].decode().splitlines()
+    assert table[0].startswith("# kdrun report:") and table[1:] == (sweep_dir / "summary.md").read_text().splitlines()[1:]
     assert sorted(events.Tags()["images"]) == ["report/student_top1_vs_T", "report/student_top1_vs_alpha"]
     (plot,) = events.Images("report/student_top1_vs_T")
     assert (plot.width, plot.height) == (600, 400)
