@@ -76,5 +76,5 @@ def test_a_paradigm_registered_in_one_place_runs_through_the_pipeline(tmp_path):
     assert written["overrides"] == ["T=4"] and written["dataset"]["test_size"] == 32
     # the written top-1 is the accuracy of the paradigm's own test predictions
     assert written["student"]["top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
-    scalars = EventAccumulator(str(tmp_path / "run")).Reload().Tags()["scalars"]
-    assert "final/student/top1" in scalars
+    hparams = EventAccumulator(str(tmp_path / "run")).Reload().PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hparams  # its HParams row

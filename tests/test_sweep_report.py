@@ -1,10 +1,12 @@
 """A real 4-job sweep on synthetic data: the report its callback writes, kdrun-report on it, and what
-each job left in TensorBoard (HParams, final scalars, soft-target figures, layout). One sweep for all."""
+each job left in TensorBoard (HParams row, reference curves, soft-target figures, layout), the sweep's own
+run (HParams config, report table and plots) and the cache runs' names. One sweep for all."""
 import csv
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
@@ -29,7 +31,8 @@ def events_of(run_dir):
 
 def test_the_multirun_callback_wrote_the_report_into_the_sweep_dir(sweep):
     sweep_dir, proc = sweep
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(JOBS)
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(
+        [*JOBS, "sweep_summary"])
     for name in ("summary.csv", "summary.md", "student_top1_vs_T.png", "student_top1_vs_alpha.png"):
         assert (sweep_dir / name).is_file(), name
     assert "4 run(s) in sweep (swept: T, alpha)" in proc.stdout
@@ -79,27 +82,66 @@ def test_kdrun_report_prints_the_same_table(sweep, read_metrics):
 def test_each_job_holds_its_hparams_and_final_metrics_and_no_extra_runs(sweep, read_metrics):
     sweep_dir, _ = sweep
     event_dirs = {path.parent for path in sweep_dir.rglob("events.out.tfevents.*")}
-    assert event_dirs == {sweep_dir / job for job in JOBS}  # one TensorBoard run per job, nothing else
+    # one TensorBoard run per job and the sweep's own, nothing else
+    assert event_dirs == {sweep_dir / job for job in JOBS} | {sweep_dir / "sweep_summary"}
     for job, (T, alpha) in JOBS.items():
         events = events_of(sweep_dir / job)
         content = events.PluginTagToContent("hparams")
         start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
         values = {k: (v.string_value if v.HasField("string_value") else v.number_value)
                   for k, v in start.hparams.items()}
-        assert values["T"] == T and values["alpha"] == pytest.approx(alpha)
+        assert values["T"] == T and values["alpha"] == pytest.approx(alpha) and values["job"] == job
         assert {k: values[k] for k in ("teacher", "student", "dataset", "method", "epochs", "lr", "batch_size",
                                        "seed", "dataset.image_size")} == {
             "teacher": "cifar:resnet14", "student": "cifar:resnet8", "dataset": "synthetic", "method": "kd",
             "epochs": 2, "lr": pytest.approx(0.05), "batch_size": 32, "seed": 0, "dataset.image_size": 16}
+        assert hparams_metadata.EXPERIMENT_TAG not in content  # the sweep's run holds the config
         metrics = read_metrics(sweep_dir / job)
-        (top1,) = events.Scalars("final/student/top1")
-        assert top1.value == pytest.approx(metrics["student"]["top1"])
-        (agreement,) = events.Scalars("final/student/agreement")
-        assert agreement.value == pytest.approx(metrics["student"]["agreement"])
-        (speedup,) = events.Scalars("final/speedup")
-        assert speedup.value == pytest.approx(metrics["speedup"])
-        (baseline,) = events.Scalars("final/baseline/ece")
-        assert baseline.value == pytest.approx(metrics["baseline"]["ece"])
+        student = metrics["student"]
+        # the HParams metrics are the last points of per-epoch curves: the numbers of metrics.json
+        last = {tag: events.Scalars(tag)[-1].value for tag in ("epoch/val_top1", "epoch/gain_over_baseline",
+                                                                 "epoch/agreement", "epoch/ece", "epoch/kl_T")}
+        assert last == pytest.approx({"epoch/val_top1": student["top1"], "epoch/ece": student["ece"],
+                                      "epoch/gain_over_baseline": metrics["gain_over_baseline"],
+                                      "epoch/agreement": student["agreement"], "epoch/kl_T": student["kl_T"]},
+                                     rel=1e-4, abs=1e-6)
+        assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("final/")]
+        # the teacher's and baseline's real curves, as their cache entries recorded them
+        for role in ("teacher", "baseline"):
+            cached = torch.load(sweep_dir.parent / metrics[role]["path"], weights_only=True)["history"]  # cwd-relative
+            curve = events.Scalars(f"epoch/{role}_val_top1")
+            assert [(e.step, e.value) for e in curve] == [
+                (h["epoch"], pytest.approx(h["val_top1"])) for h in cached], (job, role)
+
+
+def test_the_sweep_run_holds_the_hparams_config_the_table_and_the_plots(sweep):
+    sweep_dir, _ = sweep
+    events = events_of(sweep_dir / "sweep_summary")
+    experiment = hparams_metadata.parse_experiment_plugin_data(
+        events.PluginTagToContent("hparams")[hparams_metadata.EXPERIMENT_TAG])
+    infos = [info for info in experiment.hparam_infos]
+    assert [info.name for info in infos][:6] == ["T", "alpha", "teacher", "student", "method", "job"]
+    assert {info.name for info in infos if info.differs} == {"T", "alpha", "teacher", "student", "method"}
+    assert (infos[0].domain_interval.min_value, infos[0].domain_interval.max_value) == (1.0, 4.0)
+    assert [v.string_value for v in infos[5].domain_discrete.values] == sorted(JOBS)
+    assert [m.display_name for m in experiment.metric_infos][:5] == [
+        "student top-1", "gain over baseline", "agreement with teacher", "student ECE", "KL(T) to teacher"]
+    (text,) = events.Tensors("report/table/text_summary")
+    # summary.md's table (its title line names the root as given: kdrun-report above wrote it again)
+    table = text.tensor_proto.string_val[0].decode().splitlines()
+    assert table[0].startswith("# kdrun report:") and table[1:] == (sweep_dir / "summary.md").read_text().splitlines()[1:]
+    assert sorted(events.Tags()["images"]) == ["report/student_top1_vs_T", "report/student_top1_vs_alpha"]
+    (plot,) = events.Images("report/student_top1_vs_T")
+    assert (plot.width, plot.height) == (600, 400)
+
+
+def test_cache_runs_are_named_after_stage_model_dataset_and_key(sweep):
+    sweep_dir, _ = sweep
+    cache = sweep_dir.parent / "outputs" / "cache"
+    runs = sorted(path.parent.relative_to(cache) for path in cache.rglob("events.out.tfevents.*"))
+    assert [(run.parts[0], run.parts[2], run.parts[3]) for run in runs] == [
+        ("baseline", "tb", f"baseline-cifar_resnet8-synthetic-{runs[0].parts[1][:6]}"),
+        ("teacher", "tb", f"teacher-cifar_resnet14-synthetic-{runs[1].parts[1][:6]}")]
 
 
 def test_each_job_has_soft_target_figures_reliability_and_layout(sweep):
@@ -109,6 +151,7 @@ def test_each_job_has_soft_target_figures_reliability_and_layout(sweep):
     events = events_of(sweep_dir / "2_T=4,alpha=0.5")
     images = events.Tags()["images"]
     assert sorted(images) == ["calibration/reliability", *(f"soft_targets/image_{i}" for i in range(2))]
+    assert "calibration/teacher" in events_of(sweep_dir / "0_T=1,alpha=0.5").Tags()["images"]  # once, in job 0
     assert [image.step for image in events.Images("soft_targets/image_0")] == [1, 2]  # every epoch
     assert [image.step for image in events.Images("calibration/reliability")] == [2]  # at the end
     assert custom_metadata.CONFIG_SUMMARY_TAG in events.Tags()["tensors"]

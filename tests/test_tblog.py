@@ -1,5 +1,6 @@
-"""TensorBoard output written back and read with tensorboard's own readers: final scalars, HParams,
-custom-scalars layout, soft-target figures and the reliability diagram; the printed summary."""
+"""TensorBoard output written back and read with tensorboard's own readers: HParams entries and config,
+the sweep's run, custom-scalars layout, per-epoch curves, soft-target figures and reliability diagrams
+(their size and fonts); the printed summary."""
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from torch import nn
 
-from kdrun.tensorboard.writer import final_scalars, open_writer, write_layout, write_run_summary
+from kdrun.tensorboard.writer import open_writer, write_layout, write_run_summary
 
 
 def model_metrics(top1, **extra):
@@ -39,26 +40,9 @@ def sample_cfg(tb_figures=0):
                              "baseline": False, "progress": "false", "tb_figures": tb_figures})
 
 
-def test_final_scalars_name_every_metric_and_skip_absent_ones():
-    scalars = final_scalars(sample_metrics())
-    assert scalars["final/teacher/top1"] == pytest.approx(0.9)
-    assert scalars["final/baseline/top1"] == pytest.approx(0.8)
-    assert scalars["final/student/nll"] == pytest.approx(0.123)
-    assert scalars["final/student/kl_T"] == pytest.approx(0.02)
-    assert scalars["final/gain_over_baseline"] == pytest.approx(0.05)
-    assert scalars["final/speedup"] == pytest.approx(1.8)
-    for role in ("teacher", "baseline", "student"):
-        for key in ("top1", "top5", "nll", "ece", "params", "flops", "latency_ms", "throughput"):
-            assert f"final/{role}/{key}" in scalars
-    for key in ("agreement", "kl_t1", "kl_T", "best_top1"):
-        assert f"final/student/{key}" in scalars and f"final/teacher/{key}" not in scalars
-    alone = final_scalars(sample_metrics(baseline=False))
-    assert not [tag for tag in alone if "baseline" in tag]
-    assert len(alone) == len(scalars) - 9  # 8 baseline metrics and the gain
-
-
 def read_events(run_dir, **guidance):
-    return EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, **guidance}).Reload()
+    return EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0,
+                                                         **guidance}).Reload()
 
 
 def session_hparams(events) -> dict:
@@ -68,40 +52,123 @@ def session_hparams(events) -> dict:
             for key, value in start.hparams.items()}
 
 
-def test_run_summary_writes_hparams_and_final_scalars_into_the_run_itself(tmp_path):
-    (tmp_path / ".hydra").mkdir()  # as Hydra leaves it beside the run's files
-    # The command line's overrides, as the runner records them in metrics.json.
-    metrics = {**sample_metrics(), "overrides": ["T=4", "alpha=0.5", "dataset=synthetic", "dataset.image_size=16",
-                                                 "optim=sgd", "teacher.name=cifar:resnet14", "baseline=false",
-                                                 "progress=false"]}
-    write_run_summary(tmp_path, sample_cfg(), metrics)
-
-    assert [p for p in tmp_path.iterdir() if p.is_dir()] == [tmp_path / ".hydra"]  # no extra run
-    events = read_events(tmp_path)
-    assert session_hparams(events) == {
-        "teacher": "cifar:resnet14", "student": "cifar:resnet8", "dataset": "synthetic", "method": "kd",
-        "T": 4.0, "alpha": 0.5, "epochs": 2.0, "lr": 0.05, "batch_size": 32.0, "seed": 1.0,
-        "dataset.image_size": 16.0, "optim": "sgd", "baseline": "false", "progress": "false"}
-    experiment = hparams_metadata.parse_experiment_plugin_data(
+def experiment_of(events):
+    return hparams_metadata.parse_experiment_plugin_data(
         events.PluginTagToContent("hparams")[hparams_metadata.EXPERIMENT_TAG])
-    metric_tags = {info.name.tag for info in experiment.metric_infos}
-    assert {"final/student/top1", "final/teacher/top1", "final/baseline/top1", "final/gain_over_baseline",
-            "final/student/agreement", "final/student/ece"} <= metric_tags
-    scalars = set(events.Tags()["scalars"])
-    assert metric_tags <= scalars  # every HParams metric has its value in the same run
-    for tag, value in final_scalars(metrics).items():
-        (point,) = events.Scalars(tag)
-        assert point.value == pytest.approx(value) and point.step == 2
-    assert events.Tags()["images"] == []  # tb_figures=0: no reliability diagram
 
 
-def test_reliability_diagram_is_an_image_when_figures_are_on(tmp_path):
-    logits = torch.randn(40, 3)
+RUN_OVERRIDES = ["T=4", "alpha=0.5", "dataset=synthetic", "dataset.image_size=16", "optim=sgd",
+                 "teacher.name=cifar:resnet14", "baseline=false", "progress=false"]
+
+
+def test_run_summary_writes_the_hparams_row_into_the_run_itself(tmp_path):
+    run_dir = tmp_path / "7_T=4,alpha=0.5"
+    (run_dir / ".hydra").mkdir(parents=True)  # as Hydra leaves it beside the run's files
+    # The command line's overrides, as the runner records them in metrics.json.
+    metrics = {**sample_metrics(), "overrides": RUN_OVERRIDES}
+    write_run_summary(run_dir, sample_cfg(), metrics, sweep_job=7)
+
+    assert [p for p in run_dir.iterdir() if p.is_dir()] == [run_dir / ".hydra"]  # no extra run
+    events = read_events(run_dir)
+    assert session_hparams(events) == {
+        "job": "7_T=4,alpha=0.5", "teacher": "cifar:resnet14", "student": "cifar:resnet8", "dataset": "synthetic",
+        "method": "kd", "T": 4.0, "alpha": 0.5, "epochs": 2.0, "lr": 0.05, "batch_size": 32.0, "seed": 1.0,
+        "dataset.image_size": 16.0, "optim": "sgd", "baseline": "false", "progress": "false"}
+    # a sweep's job leaves the config to the sweep's own run; and it writes no single-point scalars
+    assert hparams_metadata.EXPERIMENT_TAG not in events.PluginTagToContent("hparams")
+    assert events.Tags()["scalars"] == [] and events.Tags()["images"] == []  # tb_figures=0: no diagram
+
+
+def test_a_single_run_leaves_the_hparams_config_to_tensorboard(tmp_path):
+    """TensorBoard takes the first config of a logdir: one run's values must not filter the others' rows."""
+    write_run_summary(tmp_path, sample_cfg(), {**sample_metrics(), "overrides": RUN_OVERRIDES})
+    content = read_events(tmp_path).PluginTagToContent("hparams")
+    assert hparams_metadata.SESSION_START_INFO_TAG in content and hparams_metadata.EXPERIMENT_TAG not in content
+
+
+SWEEP_METRICS = [("epoch/val_top1", "student top-1"), ("epoch/gain_over_baseline", "gain over baseline"),
+                 ("epoch/agreement", "agreement with teacher"), ("epoch/ece", "student ECE"),
+                 ("epoch/kl_T", "KL(T) to teacher"), ("epoch/teacher_val_top1", "teacher top-1"),
+                 ("epoch/baseline_val_top1", "baseline top-1")]
+
+
+def test_sweep_run_orders_the_hparams_config_and_carries_the_report(tmp_path):
+    from kdrun.tensorboard.sweep_run import SWEEP_RUN, write_sweep_run
+
+    sessions = [{"job": f"{i}_T={T},alpha={alpha}", "teacher": "cifar:resnet14", "student": "cifar:resnet8",
+                 "dataset": "digits", "method": "kd", "T": T, "alpha": alpha, "epochs": 3, "lr": 0.001,
+                 "batch_size": 64, "seed": 0, "cache_dir": "outputs/cache"}
+                for i, (T, alpha) in enumerate([(2.0, 0.5), (2.0, 0.9), (4.0, 0.5), (4.0, 0.9)])]
+    plot = tmp_path / "student_top1_vs_T.png"
+    from PIL import Image
+
+    Image.new("RGB", (60, 40), (255, 0, 0)).save(plot)
+    write_sweep_run(tmp_path, sessions[:1], ["T"], "old", [])  # a re-run sweep replaces the run
+    run_dir = write_sweep_run(tmp_path, sessions, ["T", "alpha"], "| T | top-1 |\n|---|---|\n| 2 | 90.00 |", [plot])
+    assert run_dir == tmp_path / SWEEP_RUN and len(list(run_dir.iterdir())) == 1
+    events = read_events(run_dir, tensors=0)
+    experiment = experiment_of(events)
+    infos = {info.name: info for info in experiment.hparam_infos}
+    assert list(infos) == ["T", "alpha", "teacher", "student", "method", "job", "dataset", "epochs", "lr",
+                           "batch_size", "seed", "cache_dir"]
+    assert [name for name, info in infos.items() if info.differs] == ["T", "alpha", "teacher", "student", "method"]
+    # numbers: the interval they span (no value filter); strings: the values used
+    assert (infos["T"].domain_interval.min_value, infos["T"].domain_interval.max_value) == (2.0, 4.0)
+    assert (infos["alpha"].domain_interval.min_value, infos["alpha"].domain_interval.max_value) == (0.5, 0.9)
+    assert [v.string_value for v in infos["job"].domain_discrete.values] == [s["job"] for s in sessions]
+    assert [v.string_value for v in infos["teacher"].domain_discrete.values] == ["cifar:resnet14"]
+    assert all(info.display_name == name for name, info in infos.items())
+    assert [(m.name.tag, m.display_name) for m in experiment.metric_infos] == SWEEP_METRICS
+    assert hparams_metadata.SESSION_START_INFO_TAG not in events.PluginTagToContent("hparams")  # no row of its own
+    (text,) = events.Tensors("report/table/text_summary")
+    assert text.tensor_proto.string_val[0].decode().startswith("| T | top-1 |")
+    (image,) = events.Images("report/student_top1_vs_T")
+    assert (image.width, image.height) == (60, 40)
+
+
+def test_what_tensorboard_shows_first_is_what_the_sweep_varies(tmp_path):
+    """TensorBoard 2.x lists the hparams marked `differs` first, sorted by name, and shows five; metrics in order."""
+    from kdrun.tensorboard.hparams_config import hparam_order
+
+    sessions = [{"job": "0", "seed": 0, "distill": "kd", "teacher": "a", "student": "b", "method": "kd", "lr": 0.1},
+                {"job": "1", "seed": 1, "distill": "dkd", "teacher": "a", "student": "b", "method": "dkd", "lr": 0.1}]
+    order, differs = hparam_order(sessions, ["distill", "seed"])
+    assert order == ["method", "seed", "distill", "teacher", "student", "job", "lr"]
+    assert differs == {"method", "seed", "distill", "teacher", "student"}
+
+
+def test_reliability_diagrams_baseline_and_student_side_by_side_teacher_once(tmp_path):
+    torch.manual_seed(0)
+    logits = torch.randn(40, 3) * 3
     labels = torch.randint(0, 3, (40,))
-    write_run_summary(tmp_path, sample_cfg(tb_figures=2), sample_metrics(),
-                      {"teacher": logits, "student": -logits}, labels)
-    (image,) = read_events(tmp_path).Images("calibration/reliability")
-    assert image.step == 2 and image.width > 400 and image.height > 200
+    both = {"teacher": logits, "baseline": logits / 2, "student": -logits}
+    write_run_summary(tmp_path / "job0", sample_cfg(tb_figures=2), sample_metrics(), both, labels, sweep_job=0)
+    write_run_summary(tmp_path / "job1", sample_cfg(tb_figures=2), sample_metrics(), both, labels, sweep_job=1)
+    first, second = read_events(tmp_path / "job0"), read_events(tmp_path / "job1")
+    assert sorted(first.Tags()["images"]) == ["calibration/reliability", "calibration/teacher"]
+    assert second.Tags()["images"] == ["calibration/reliability"]  # the teacher once per sweep
+    (image,) = first.Images("calibration/reliability")
+    # two columns, 5.3 x 4 inches at 110 dpi: about a TensorBoard card wide
+    assert image.step == 2 and (image.width, image.height) == (583, 440)
+    (teacher,) = first.Images("calibration/teacher")
+    assert (teacher.width, teacher.height) == (302, 440)
+
+
+def test_reliability_figure_has_one_column_per_model_with_bin_counts():
+    from matplotlib.text import Text
+
+    from kdrun.tensorboard.figures import reliability_bins, reliability_figure
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(200, 5) * 2, torch.randint(0, 5, (200,))
+    figure = reliability_figure({"baseline": (logits, labels), "student": (logits / 3, labels)}, 15, "T=4, alpha=0.9")
+    assert figure.get_suptitle() == "T=4, alpha=0.9" and figure.dpi == 110
+    diagram, _, counts, _ = figure.axes  # row 1: the diagrams, row 2: their bin counts
+    assert diagram.get_title().startswith("baseline: ECE ")
+    assert [bar.get_height() for bar in counts.patches] == reliability_bins(logits, labels, 15)["count"].tolist()
+    assert figure.axes[3].patches and sum(b.get_height() for b in figure.axes[3].patches) == 200
+    sizes = {t.get_fontsize() for ax in figure.axes for t in ax.findobj(Text) if t.get_text()}
+    assert min(sizes) >= 9 and max(sizes) <= 11
 
 
 def test_reliability_bins_reproduce_the_ece_of_metrics_json():
@@ -141,7 +208,7 @@ def test_soft_target_figures_one_image_tag_per_picture_each_epoch(tmp_path):
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
     student = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     writer = open_writer(tmp_path)
-    write_layout(writer)
+    write_layout(writer, ["ce", "kd"])
     assert soft_target_logger(writer, data, student, teacher, 4.0, 0, torch.device("cpu")) is None
     on_epoch = soft_target_logger(writer, data, student, teacher, 4.0, 3, torch.device("cpu"))
     on_epoch(0, {})
@@ -161,23 +228,68 @@ def test_soft_target_figures_one_image_tag_per_picture_each_epoch(tmp_path):
     assert "custom_scalars__config__" in events.Tags()["tensors"]
 
 
-def test_custom_scalars_layout_overlays_loss_terms_and_accuracies(tmp_path):
+def test_custom_scalars_layout_one_chart_per_loss_term_top1_and_gain(tmp_path):
+    import re
+
     from tensorboard.plugins.custom_scalar import layout_pb2, metadata
     from tensorboard.util import tensor_util
 
     writer = open_writer(tmp_path)
-    write_layout(writer)
+    write_layout(writer, ["ce", "kd"])
     writer.close()
     (point,) = read_events(tmp_path).Tensors(metadata.CONFIG_SUMMARY_TAG)
     layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(point.tensor_proto).item())
-    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
-    import re
+    charts = {category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
+              for category in layout.category}
+    assert list(charts) == ["accuracy", "loss terms (per step)"]
+    tags = ["train/loss", "train/loss_ce", "train/loss_kd", "train/lr", "epoch/val_top1", "epoch/train_top1",
+            "epoch/baseline_val_top1", "epoch/teacher_val_top1", "epoch/gain_over_baseline", "epoch/agreement"]
 
-    loss_tags = ["train/loss", "train/loss_ce", "train/loss_kd", "train/lr"]
-    loss_regex = re.compile(charts["loss terms (per step)"][0])
-    assert [tag for tag in loss_tags if loss_regex.search(tag)] == loss_tags[:3]
-    accuracy_regex = re.compile(charts["student vs teacher top-1 (per epoch)"][0])
-    assert all(accuracy_regex.search(tag) for tag in ("epoch/val_top1", "epoch/teacher_val_top1"))
+    def shown(regexes):
+        return [tag for tag in tags if any(re.search(regex, tag) for regex in regexes)]
+
+    assert {title: shown(regexes) for title, regexes in charts["loss terms (per step)"].items()} == {
+        "train/loss": ["train/loss"], "train/loss_ce": ["train/loss_ce"], "train/loss_kd": ["train/loss_kd"]}
+    top1, gain = charts["accuracy"].values()
+    assert shown(top1) == ["epoch/val_top1", "epoch/baseline_val_top1", "epoch/teacher_val_top1"]
+    assert shown(gain) == ["epoch/gain_over_baseline"]
+
+
+def test_per_epoch_curves_reference_models_and_fidelity(tmp_path):
+    from kdrun.evaluation.metrics import classification_metrics, fidelity_metrics
+    from kdrun.tensorboard.curves import val_curve, validation_logger, write_reference_curves
+
+    assert val_curve([{"epoch": 1, "val_top1": 0.5}, {"epoch": 2, "val_top1": 0.75}]) == [0.5, 0.75]
+    torch.manual_seed(0)
+    teacher, labels = torch.randn(50, 4) * 2, torch.randint(0, 4, (50,))
+    epochs = [torch.randn(50, 4), teacher + torch.randn(50, 4) * 0.3]
+    writer = open_writer(tmp_path)
+    write_reference_curves(writer, {"teacher": [0.4, 0.6, 0.7], "baseline": [0.3, 0.5]})
+    on_validation = validation_logger(writer, teacher, 4.0, [0.3, 0.5])
+    for epoch, logits in enumerate(epochs, 1):
+        on_validation(epoch, logits, labels)
+    on_validation(3, epochs[1], labels)  # past the baseline's last epoch: no gain
+    writer.close()
+    events = read_events(tmp_path)
+    values = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert values["epoch/teacher_val_top1"] == [(1, pytest.approx(0.4)), (2, pytest.approx(0.6)), (3, pytest.approx(0.7))]
+    assert values["epoch/baseline_val_top1"] == [(1, pytest.approx(0.3)), (2, pytest.approx(0.5))]
+    top1 = [(logits.argmax(1) == labels).float().mean().item() for logits in epochs]
+    assert values["epoch/gain_over_baseline"] == [(1, pytest.approx(top1[0] - 0.3)), (2, pytest.approx(top1[1] - 0.5))]
+    for epoch, logits in enumerate([*epochs, epochs[1]], 1):
+        fidelity = fidelity_metrics(logits, teacher, 4.0)
+        assert values["epoch/agreement"][epoch - 1] == (epoch, pytest.approx(fidelity["agreement"]))
+        assert values["epoch/kl_T"][epoch - 1] == (epoch, pytest.approx(fidelity["kl_T"], rel=1e-5))
+        assert values["epoch/ece"][epoch - 1] == (epoch, pytest.approx(classification_metrics(logits, labels)["ece"]))
+    assert values["epoch/agreement"][1][1] > values["epoch/agreement"][0][1] + 0.3  # the second epoch follows the teacher
+
+
+def test_cache_run_names_say_stage_model_dataset_and_key():
+    from kdrun.tensorboard.writer import cache_run_name
+
+    assert cache_run_name("teacher", "cifar:resnet14", "digits", "a3ea12b4c5d6e7f8") == "teacher-cifar_resnet14-digits-a3ea12"
+    assert cache_run_name("baseline", "timm/mobilenetv3_small_050", "mnist5k", "0123456789abcdef") == (
+        "baseline-timm_mobilenetv3_small_050-mnist5k-012345")
 
 
 @pytest.mark.slow
@@ -264,3 +376,29 @@ def test_soft_target_panels_show_the_teachers_top_classes_at_t1_at_t_and_the_stu
     orange = to_rgba("tab:orange")
     assert [bar.get_facecolor() == orange for bar in t1_axes.patches] == [c == label for c in top]
     assert student_axes.get_title() == "student, T=4 (epoch 3)"
+
+
+def test_soft_target_figure_is_sized_for_a_tensorboard_card():
+    import numpy as np
+    from matplotlib.text import Text
+
+    from kdrun.tensorboard.figures import SoftTargetFigure
+
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    torch.manual_seed(0)
+    logits = torch.randn(10) * 3
+    figure = SoftTargetFigure(np.ones((8, 8)) * 0.5, 3, names, logits.softmax(0), (logits / 4).softmax(0), 4.0, 0.9)
+    pixels = figure.render((logits / 8).softmax(0), epoch=2)
+    mpl_figure = figure.canvas.figure
+    assert mpl_figure.dpi == 110 and pixels.shape == (473, 506, 3)  # 4.6 x 4.3 inches: about a card wide
+    assert mpl_figure.get_suptitle() == "T=4, alpha=0.9"
+    texts = [t for ax in mpl_figure.axes for t in ax.findobj(Text) if t.get_text()]
+    assert {t.get_fontsize() for t in texts} <= {9.0, 10.0, 11.0}
+    ticks = mpl_figure.axes[3].get_xticklabels()  # the panels share one row of class names, under the last
+    assert [label.get_text() for label in ticks] == [names[c][:3] for c in figure.classes]
+    assert all(label.get_rotation() == 0 and label.get_visible() for label in ticks)
+    assert not any(label.get_visible() for ax in mpl_figure.axes[1:3] for label in ax.get_xticklabels())
+    # tight margins: the drawing reaches within a few pixels of every edge
+    drawn = np.argwhere((pixels < 250).any(2))
+    (top, left), (bottom, right) = drawn.min(0), drawn.max(0)
+    assert top < 10 and left < 10 and pixels.shape[0] - bottom < 10 and pixels.shape[1] - right < 10

@@ -72,6 +72,9 @@ class Stage:
     speed: Speed = field(default_factory=Speed)     # precision, channels_last, compile
     resume: bool = True             # continue a last.pt already in checkpoint_dir instead of starting over
     on_epoch: Optional[Callable[[int, dict], None]] = None   # called after each epoch with its record
+    # called after each epoch's validation with (epoch number, validation logits, labels): per-epoch
+    # metrics beyond top-1 (agreement, ECE, ...) from the logits the epoch already computed
+    on_validation: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
 
 
 def _rng_state() -> dict:
@@ -149,6 +152,8 @@ def train(stage: Stage, forward: StepForward, loss: DistillLoss, train_set, val_
         if improved:
             result.best_top1, result.best_epoch = val_top1, epoch + 1
         _log_epoch(stage, record, recipe.epochs)
+        if stage.on_validation is not None:
+            stage.on_validation(epoch + 1, val_logits, val_labels)
         # A non-finite gradient can spoil the weights while the losses stay finite: never save that.
         check_finite_weights(training.where(epoch), [model, loss], record["lr"])
         if distributed.is_main():  # in a torchrun launch the others hold the same weights

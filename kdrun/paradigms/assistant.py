@@ -12,10 +12,11 @@ from typing import Iterator
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.models import check_model_name
 from kdrun.paradigms.registry import PARADIGMS
-from kdrun.paradigms.result import (ParadigmResult, evaluated_baseline, evaluated_teacher, model_metrics,
-                                    predict_test_split, term_temperatures, training_summary)
+from kdrun.paradigms.result import (ParadigmResult, baseline_evaluated, evaluated_teacher, model_metrics,
+                                    predict_test_split, references, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext, derive, plain
-from kdrun.stages.roles import distill_student
+from kdrun.stages.roles import References, distill_student
+from kdrun.tensorboard.curves import val_curve
 from kdrun.stages.steps import Step, baseline_step, distill_step, teacher_step
 
 log = logging.getLogger("kdrun")
@@ -41,12 +42,13 @@ def run(ctx: RunContext) -> ParadigmResult:
 
     teacher = evaluated_teacher(ctx)
     teacher_logits, labels, teacher_metrics = teacher.logits, teacher.labels, teacher.metrics
-    baseline = evaluated_baseline(ctx)
+    baseline_model = baseline_evaluated(ctx)
+    baseline = baseline_model.metrics if baseline_model is not None else None
 
     # The assistant takes the student's role (model and recipe) for its stage, in its own directory.
     assistant_ctx = derive(ctx, run_dir=ctx.run_dir / "assistant", student=assistant_cfg)
     log.info("assistant: %s distils from the teacher %s", assistant_cfg["name"], cfg.teacher.name)
-    assistant = distill_student(assistant_ctx, teacher.outcome.model, teacher_metrics["top1"])
+    assistant = distill_student(assistant_ctx, teacher.outcome.model, references=references(teacher, None))
     assistant_logits, _ = predict_test_split(ctx, assistant.model)
     assistant_metrics = model_metrics(ctx, assistant.model, assistant_cfg["name"], assistant_logits, labels,
                                       **fidelity_metrics(assistant_logits, teacher_logits, cfg.T),
@@ -55,7 +57,12 @@ def run(ctx: RunContext) -> ParadigmResult:
     # Then the assistant takes the teacher's role (feature taps are built for its name).
     student_ctx = derive(ctx, teacher=assistant_cfg)
     log.info("student: %s distils from the assistant %s", cfg.student.name, assistant_cfg["name"])
-    student = distill_student(student_ctx, assistant.model, assistant_metrics["top1"])
+    # The student's curves beside its teacher's (the assistant's) and the baseline's.
+    curves = {"teacher": val_curve(assistant.history)}
+    if baseline_model is not None:
+        curves["baseline"] = val_curve(baseline_model.outcome.history)
+    student_references = References(curves, {}, assistant_logits)
+    student = distill_student(student_ctx, assistant.model, references=student_references)
     student_logits, _ = predict_test_split(ctx, student.model)
     teacher_agreement = fidelity_metrics(student_logits, teacher_logits, cfg.T)["agreement"]
     student_metrics = model_metrics(ctx, student.model, cfg.student.name, student_logits, labels,

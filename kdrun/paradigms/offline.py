@@ -7,8 +7,8 @@ from typing import Iterator
 
 from kdrun.evaluation.metrics import fidelity_metrics
 from kdrun.paradigms.registry import PARADIGMS
-from kdrun.paradigms.result import (ParadigmResult, evaluated_baseline, evaluated_teacher, model_metrics,
-                                    predict_test_split, term_temperatures, training_summary)
+from kdrun.paradigms.result import (ParadigmResult, baseline_evaluated, evaluated_teacher, model_metrics,
+                                    predict_test_split, references, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext
 from kdrun.stages.roles import distill_student
 from kdrun.stages.stored_teacher import stored_teacher, stored_teacher_metrics
@@ -30,6 +30,7 @@ def offline_steps(ctx: RunContext) -> Iterator[Step]:
 @PARADIGMS.register("offline", preflight=offline_steps)
 def run(ctx: RunContext) -> ParadigmResult:
     cfg = ctx.cfg
+    teacher = None
     if cfg.teacher.outputs:  # no model: metrics from the stored test outputs (README "Stored teacher outputs")
         stored = stored_teacher(cfg, ctx.data, ctx.device)
         teacher_metrics, labels = stored_teacher_metrics(stored, ctx.data)
@@ -40,19 +41,21 @@ def run(ctx: RunContext) -> ParadigmResult:
         teacher = evaluated_teacher(ctx)
         teacher_model, teacher_logits, labels, teacher_metrics = (teacher.outcome.model, teacher.logits,
                                                                   teacher.labels, teacher.metrics)
-    baseline_metrics = evaluated_baseline(ctx)
-    student = distill_student(ctx, teacher_model, teacher_metrics.get("top1"))
+    labels_only = teacher_metrics.get("outputs_kind") == "label"  # one-hot rows: no distribution to compare with
+    baseline = baseline_evaluated(ctx)
+    baseline_metrics = baseline.metrics if baseline is not None else None
+    curves_beside = references(teacher, baseline, None if labels_only else teacher_logits, teacher_metrics.get("top1"))
+    student = distill_student(ctx, teacher_model, references=curves_beside)
     student_logits, _ = predict_test_split(ctx, student.model)
     fidelity = {}
     if teacher_logits is not None:
         fidelity = fidelity_metrics(student_logits, teacher_logits, cfg.T)
-        if teacher_metrics.get("outputs_kind") == "label":  # a one-hot row is no distribution to compare with
+        if labels_only:
             fidelity.update(kl_t1=None, kl_T=None)
     student_metrics = model_metrics(ctx, student.model, cfg.student.name, student_logits, labels, **fidelity,
                                     **training_summary(student.result))
-    if teacher_metrics.get("outputs_kind") == "label":
-        teacher_logits = None  # nor a reliability diagram
-    test_logits = {"student": student_logits, **({"teacher": teacher_logits} if teacher_logits is not None else {})}
+    test_logits = {**({"teacher": teacher_logits} if teacher_logits is not None and not labels_only else {}),
+                   **({"baseline": baseline.logits} if baseline is not None else {}), "student": student_logits}
     return ParadigmResult(
         models={"teacher": teacher_metrics, "baseline": baseline_metrics, "student": student_metrics},
         rows=[("teacher", teacher_metrics), ("baseline", baseline_metrics), ("distilled", student_metrics)],

@@ -20,7 +20,8 @@ from kdrun.evaluation.cost import combine_costs, count_flops, count_parameters
 from kdrun.evaluation.metrics import classification_metrics
 from kdrun.evaluation.untimed import Untimed
 from kdrun.stages.context import RunContext
-from kdrun.stages.roles import StageOutcome, obtain_baseline, obtain_teacher
+from kdrun.stages.roles import References, StageOutcome, obtain_baseline, obtain_teacher
+from kdrun.tensorboard.curves import val_curve
 
 log = logging.getLogger("kdrun")
 
@@ -79,12 +80,38 @@ def evaluated_teacher(ctx: RunContext, **extra) -> Evaluated:
 
 def evaluated_baseline(ctx: RunContext) -> Optional[dict]:
     """The baseline student's metrics (stage cache or training), or None with baseline=false."""
+    baseline = baseline_evaluated(ctx)
+    return baseline.metrics if baseline is not None else None
+
+
+def baseline_evaluated(ctx: RunContext) -> Optional[Evaluated]:
+    """The baseline student (stage cache or training) with its test logits and history; None with baseline=false."""
     if not ctx.cfg.baseline:
         return None
     outcome = obtain_baseline(ctx)
-    baseline = evaluate(ctx, outcome, ctx.cfg.student.name, source=outcome.source, path=outcome.path).metrics
-    log.info("baseline %s: test top-1 %.2f%%", ctx.cfg.student.name, 100 * baseline["top1"])
+    baseline = evaluate(ctx, outcome, ctx.cfg.student.name, source=outcome.source, path=outcome.path)
+    log.info("baseline %s: test top-1 %.2f%%", ctx.cfg.student.name, 100 * baseline.metrics["top1"])
     return baseline
+
+
+def references(teacher: Optional[Evaluated], baseline: Optional[Evaluated],
+               stored_logits: Optional[torch.Tensor] = None, stored_top1: Optional[float] = None) -> References:
+    """What the distilled student's TensorBoard curves are drawn beside: the teacher's and the baseline's
+    validation top-1 per epoch (their stages' histories), and the teacher's test logits. A teacher loaded
+    from a checkpoint has no history: its test top-1 is drawn flat. `teacher=None`: stored teacher outputs
+    (teacher.outputs), whose test logits and top-1 (where the file has them) stand in for the model's."""
+    curves, flat = {}, {}
+    for name, model in (("teacher", teacher), ("baseline", baseline)):
+        if model is None:
+            continue
+        curve = val_curve(model.outcome.history)
+        if curve:
+            curves[name] = curve
+        else:
+            flat[name] = model.metrics["top1"]
+    if teacher is None and stored_top1 is not None:
+        flat["teacher"] = stored_top1
+    return References(curves, flat, teacher.logits if teacher is not None else stored_logits)
 
 
 _measured: dict[tuple, dict] = {}   # (run_dir, name, params) -> the cost of that architecture in that run

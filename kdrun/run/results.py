@@ -1,5 +1,5 @@
 """A paradigm's results as the run's outputs: metrics.json (stable keys, README "metrics.json"), the
-TensorBoard summary (final scalars, HParams, reliability diagram) and the printed table."""
+TensorBoard summary (HParams, reliability diagrams) and the printed table."""
 from __future__ import annotations
 
 import time
@@ -64,8 +64,19 @@ def write_results(ctx: RunContext, result: ParadigmResult, metrics: dict) -> Non
         return
     ctx.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it for the CLI; not for other callers
     write_json_atomic(metrics, ctx.run_dir / METRICS_FILE)
-    write_run_summary(ctx.run_dir, ctx.cfg, metrics, result.test_logits, result.labels)
+    write_run_summary(ctx.run_dir, ctx.cfg, metrics, result.test_logits, result.labels, sweep_job_number())
     print(table(result.rows, result.footer(metrics)))
+
+
+def sweep_job_number() -> Optional[int]:
+    """This job's number when it runs in a Hydra multirun; None for a single run (or outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
 def table(rows: list[tuple[str, Optional[dict]]], footer: str = "") -> str:

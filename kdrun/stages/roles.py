@@ -26,8 +26,9 @@ from kdrun.engine.speed import numerics_key
 from kdrun.engine.trainer import Recipe, Stage, StageResult, train
 from kdrun.errors import KdrunError
 from kdrun.stages.context import RunContext, plain
+from kdrun.tensorboard.curves import validation_logger, write_reference_curves
 from kdrun.tensorboard.soft_targets import soft_target_logger
-from kdrun.tensorboard.writer import open_writer, write_layout
+from kdrun.tensorboard.writer import cache_run_name, open_writer, write_layout
 
 log = logging.getLogger("kdrun")
 
@@ -39,6 +40,7 @@ class StageOutcome:
     path: Optional[str] = None         # where its weights are
     result: Optional[StageResult] = None
     loss: Optional[DistillLoss] = None  # what it was trained with, where this run trained it
+    history: list = field(default_factory=list)  # per-epoch records of its stage (trained or cached); [] if loaded
 
 
 @dataclass
@@ -52,7 +54,16 @@ class Role:
     cache_spec: Optional[dict] = None   # set: trained once into the stage cache under this key, then reused
     reference: dict = field(default_factory=dict)   # accuracies drawn beside the validation curve
     on_epoch: Optional[Callable[[int, dict], None]] = None
+    on_validation: Optional[Callable] = None   # (epoch, validation logits, labels) after each epoch
     writer: Any = None              # a TensorBoard writer the caller keeps open; None: one for this stage
+
+
+@dataclass
+class References:
+    """What the distilled student's curves are drawn beside (kdrun.tensorboard.curves)."""
+    curves: dict = field(default_factory=dict)   # teacher, baseline -> validation top-1 per epoch, from their stages
+    flat: dict = field(default_factory=dict)     # a model without a history (a loaded teacher) -> its test top-1
+    teacher_logits: Any = None                   # the teacher's test-split logits: per-epoch agreement and KL(T)
 
 
 def train_role(ctx: RunContext, role: Role) -> StageOutcome:
@@ -63,19 +74,20 @@ def train_role(ctx: RunContext, role: Role) -> StageOutcome:
                  role.recipe.epochs, "s" * (role.recipe.epochs != 1), " + ".join(role.loss.terms) or "no loss terms",
                  ctx.run_dir / "checkpoints")
         result = _train(ctx, role, ctx.run_dir / "checkpoints", ctx.run_dir)
-        return StageOutcome(model, "trained", str(ctx.run_dir / "checkpoints" / "last.pt"), result, role.loss)
+        return StageOutcome(model, "trained", str(ctx.run_dir / "checkpoints" / "last.pt"), result, role.loss,
+                            result.history)
     entry = CacheEntry(ctx.cache_root, role.stage, stage_key(role.cache_spec))
     name = role.meta["model_name"]
     with distributed.rank_zero_lock(entry.lock):  # parallel sweep jobs wait here while one of them builds the stage
         if distributed.from_rank_zero(entry.complete() if distributed.is_main() else None):
-            load_model_weights(model, entry.model_path, f"{role.stage} cache", name, ctx.data.num_classes)
+            meta = load_model_weights(model, entry.model_path, f"{role.stage} cache", name, ctx.data.num_classes)
             log.info("%s: reusing cached %s from %s", role.stage, name, entry.directory)
-            return StageOutcome(model.to(ctx.device), "cache", str(entry.model_path))
+            return StageOutcome(model.to(ctx.device), "cache", str(entry.model_path), history=meta.get("history") or [])
         log.info("%s: training %s for %d epoch%s; cached in %s for later runs", role.stage, name, role.recipe.epochs,
                  "s" * (role.recipe.epochs != 1), entry.directory)
         result = _build_entry(ctx, role, entry)
         distributed.barrier()  # the others go on once the stage is in the cache
-        return StageOutcome(model, "trained", str(entry.model_path), result, role.loss)
+        return StageOutcome(model, "trained", str(entry.model_path), result, role.loss, result.history)
 
 
 def _build_entry(ctx: RunContext, role: Role, entry: CacheEntry) -> StageResult:
@@ -83,7 +95,9 @@ def _build_entry(ctx: RunContext, role: Role, entry: CacheEntry) -> StageResult:
     if distributed.is_main():
         entry.start_build(role.cache_spec)
     try:
-        result = _train(ctx, role, entry.build_directory, entry.build_directory / "tb")
+        # tb/<stage>-<model>-<dataset>-<key>: a run name that says what the curves are, in any logdir
+        run_name = cache_run_name(role.stage, role.meta["model_name"], ctx.cfg.dataset.name, entry.key)
+        result = _train(ctx, role, entry.build_directory, entry.build_directory / "tb" / run_name)
     except BaseException:
         if distributed.is_main():
             entry.abandon_build()  # kept only with an epoch to resume from
@@ -98,7 +112,8 @@ def _build_entry(ctx: RunContext, role: Role, entry: CacheEntry) -> StageResult:
 def _train(ctx: RunContext, role: Role, checkpoint_dir, log_dir) -> StageResult:
     writer = role.writer if role.writer is not None else open_writer(log_dir)
     stage = Stage(role.stage, role.recipe, ctx.device, checkpoint_dir, role.meta, writer, ctx.progress,
-                  role.reference, num_workers=ctx.data_workers, speed=ctx.speed, on_epoch=role.on_epoch)
+                  role.reference, num_workers=ctx.data_workers, speed=ctx.speed, on_epoch=role.on_epoch,
+                  on_validation=role.on_validation)
     try:
         held_out = ctx.data.val is not None   # dataset.val_split: choose on it, report the test split per epoch
         return train(stage, role.forward, role.loss, ctx.data.train, validation_set(ctx.data),
@@ -140,9 +155,13 @@ def obtain_baseline(ctx: RunContext) -> StageOutcome:
     return train_role(ctx, hard_label_role(ctx, "baseline", "student"))
 
 
-def distill_student(ctx: RunContext, teacher: Optional[nn.Module], teacher_top1: Optional[float]) -> StageOutcome:
+def distill_student(ctx: RunContext, teacher: Optional[nn.Module], teacher_top1: Optional[float] = None,
+                    references: Optional[References] = None) -> StageOutcome:
     """The student (ctx's `student` role) trained with the run's distill method from `teacher` (None: the
-    stored outputs of teacher.outputs)."""
+    stored outputs of teacher.outputs); its TensorBoard run gets the reference curves (`references`; or
+    else the teacher's `teacher_top1`, flat) and the per-epoch fidelity beside its own curves."""
+    if references is None:
+        references = References(flat={} if teacher_top1 is None else {"teacher": teacher_top1})
     _say_where_the_student_starts(ctx)
     model = ctx.build_model("student").to(ctx.device)
     if teacher is not None:
@@ -154,17 +173,22 @@ def distill_student(ctx: RunContext, teacher: Optional[nn.Module], teacher_top1:
         log.info("features: student %s <-> teacher %s", [pairing.student.names[i] for i in pairing.student_index],
                  [pairing.teacher.names[i] for i in pairing.teacher_index])
     writer = open_writer(ctx.run_dir)
-    write_layout(writer)
+    write_layout(writer, list(loss.terms))
+    write_reference_curves(writer, references.curves)
     figures = None
     if teacher is not None:
         figures = soft_target_logger(writer, ctx.data, model, teacher, ctx.cfg.T, int(ctx.cfg.tb_figures),
-                                     ctx.device)
+                                     ctx.device, alpha=ctx.cfg.alpha)
     elif ctx.cfg.tb_figures:
         log.info("tensorboard: no soft-target figures (they run the teacher model; this one is stored outputs)")
-    reference = {"teacher": teacher_top1} if teacher_top1 is not None else {}
+    # The per-epoch agreement and KL compare validation logits with the teacher's test-split logits: not
+    # with dataset.val_split, whose validation images are held out of the training set instead.
+    teacher_logits = references.teacher_logits if ctx.data.val is None else None
+    on_validation = validation_logger(writer, teacher_logits, ctx.cfg.T, references.curves.get("baseline"))
     try:
         return train_role(ctx, Role("student", forward, loss, ctx.meta("student"), ctx.recipe("student"),
-                                    reference=reference, on_epoch=figures, writer=writer))
+                                    reference=references.flat, on_epoch=figures, on_validation=on_validation,
+                                    writer=writer))
     finally:
         writer.close()
 

@@ -25,8 +25,9 @@ def figure_positions(size: int, count: int) -> list[int]:
 
 
 def soft_target_logger(writer, data: DataBundle, student: nn.Module, teacher: nn.Module, T: float, count: int,
-                       device: torch.device) -> Optional[Callable[[int, dict], None]]:
-    """The trainer's on_epoch callback that draws the figures, or None when `count` is 0."""
+                       device: torch.device, alpha: Optional[float] = None) -> Optional[Callable[[int, dict], None]]:
+    """The trainer's on_epoch callback that draws the figures, or None when `count` is 0. `alpha` joins T in
+    the figures' titles, so the cards of a sweep's jobs tell themselves apart."""
     if count <= 0 or writer is None:
         return None
     from kdrun.tensorboard.figures import SoftTargetFigure, displayable
@@ -39,7 +40,7 @@ def soft_target_logger(writer, data: DataBundle, student: nn.Module, teacher: nn
         teacher_logits = teacher(images).float().cpu()
     teacher_t1, teacher_soft = teacher_logits.softmax(1), (teacher_logits / T).softmax(1)
     figures = [SoftTargetFigure(displayable(image, data.mean, data.std), label, data.class_names, teacher_t1[i],
-                                teacher_soft[i], T) for i, ((image, _, _), label) in enumerate(zip(items, labels))]
+                                teacher_soft[i], T, alpha) for i, ((image, _, _), label) in enumerate(zip(items, labels))]
     record = open_record(writer, T, data.class_names, positions, labels,
                          [displayable(image, data.mean, data.std) for image, _, _ in items], teacher_logits)
 

@@ -1,11 +1,11 @@
-"""TensorBoard event files, written with torch's SummaryWriter: final scalars, HParams, layouts, figures.
+"""TensorBoard event files, written with torch's SummaryWriter: HParams, layouts, figures, cache run names.
 
 Everything a run writes lands in its own directory (one TensorBoard run per kdrun run), so the
 HParams tab of `tensorboard --logdir <sweep dir>` lists exactly the sweep's jobs.
 """
 from __future__ import annotations
 
-import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,28 +14,24 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from kdrun.engine.ranks import is_main
+from kdrun.tensorboard.hparams_config import SAME_AS_MAIN
 
-MODEL_KEYS = ("top1", "top5", "nll", "ece", "params", "flops", "latency_ms", "throughput")
-STUDENT_KEYS = ("best_top1", "agreement", "kl_t1", "kl_T")
-RUN_KEYS = ("gain_over_baseline", "retained", "compression", "speedup")
+# Custom Scalars tab: accuracy first (student, baseline and teacher top-1 on one chart; the gain over the
+# baseline on another), then one chart per loss term. Regular expressions anchored on whole tags, so a
+# chart never mixes in another term; TensorBoard merges the layouts of all runs, dropping duplicates.
+TOP1_CHART = "top-1: student, baseline, teacher (per epoch)"
+GAIN_CHART = "gain over baseline, top-1 (per epoch)"
 
-# The metric columns of the HParams tab (all final/* scalars are in the Scalars tab).
-HPARAM_METRICS = ("final/student/top1", "final/student/best_top1", "final/teacher/top1", "final/baseline/top1",
-                  "final/gain_over_baseline", "final/student/agreement", "final/student/kl_T", "final/student/ece",
-                  "final/student/nll", "final/retained", "final/compression", "final/speedup")
 
-# Overrides that name a main hparam another way (teacher.name=... is the `teacher` column).
-_SAME_AS_MAIN = {"teacher.name": "teacher", "student.name": "student", "dataset.name": "dataset",
-                 "distill": "method", "distill.name": "method"}
-
-# Custom Scalars tab: one chart of every loss term, one of student vs teacher accuracy. Regular
-# expressions, so the layout is the same for every method and TensorBoard merges it across runs.
-LAYOUT = {
-    "distillation": {
-        "loss terms (per step)": ["Multiline", [r"^train/loss"]],
-        "student vs teacher top-1 (per epoch)": ["Multiline", [r"^epoch/(val_top1|train_top1|teacher_val_top1)$"]],
-    },
-}
+def layout(loss_terms: list[str]) -> dict:
+    """The Custom Scalars layout of a run whose loss has these terms (`ce`, `kd`, ...)."""
+    losses = {f"train/{name}": ["Multiline", [f"^train/{name}$"]]
+              for name in ["loss", *(f"loss_{term}" for term in loss_terms)]}
+    return {
+        "accuracy": {TOP1_CHART: ["Multiline", [r"^epoch/(val_top1|baseline_val_top1|teacher_val_top1)$"]],
+                     GAIN_CHART: ["Multiline", [r"^epoch/gain_over_baseline$"]]},
+        "loss terms (per step)": losses,
+    }
 
 
 class _NoWriter:
@@ -52,30 +48,20 @@ def open_writer(log_dir: Path) -> SummaryWriter:
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def write_layout(writer: SummaryWriter) -> None:
-    writer.add_custom_scalars(LAYOUT)
+def write_layout(writer: SummaryWriter, loss_terms: list[str]) -> None:
+    writer.add_custom_scalars(layout(loss_terms))
 
 
-def final_scalars(metrics: dict) -> dict[str, float]:
-    """Tag -> value of the run's final test-split metrics (absent models and null values left out)."""
-    scalars = {}
-    for role in ("teacher", "baseline", "student"):
-        model = metrics.get(role) or {}
-        keys = MODEL_KEYS + (STUDENT_KEYS if role == "student" else ())
-        scalars.update({f"final/{role}/{key}": model[key] for key in keys if _is_number(model.get(key))})
-    scalars.update({f"final/{key}": metrics[key] for key in RUN_KEYS if _is_number(metrics.get(key))})
-    return {tag: float(value) for tag, value in scalars.items()}
+def cache_run_name(stage: str, model: str, dataset: str, key: str) -> str:
+    """The TensorBoard run (a folder in the cache entry's tb/) of a cached stage: `teacher-cifar_resnet14-digits-a3ea12`."""
+    return re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{stage}-{model}-{dataset}-{key[:6]}")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def run_hparams(cfg, metrics: dict, overrides: list[str]) -> dict[str, Any]:
-    """The main config values, then every overridden key (its resolved value where it is a scalar)."""
+def run_hparams(cfg, metrics: dict, overrides: list[str], job: str) -> dict[str, Any]:
+    """The job's name, the main config values, then every overridden key (its resolved value where it is a scalar)."""
     from omegaconf import OmegaConf
 
-    values = {"teacher": cfg.teacher.name, "student": cfg.student.name, "dataset": metrics["dataset"]["name"],
+    values = {"job": job, "teacher": cfg.teacher.name, "student": cfg.student.name, "dataset": metrics["dataset"]["name"],
               "method": metrics["method"], "T": cfg.T, "alpha": cfg.alpha, "epochs": cfg.epochs, "lr": cfg.lr,
               "batch_size": cfg.batch_size, "seed": cfg.seed}
     for override in overrides:
@@ -83,7 +69,7 @@ def run_hparams(cfg, metrics: dict, overrides: list[str]) -> dict[str, Any]:
             continue
         key, text = override.split("=", 1)
         key = key.lstrip("+")
-        if key in _SAME_AS_MAIN or key in values:
+        if key in SAME_AS_MAIN or key in values:
             continue
         value = OmegaConf.select(cfg, key, default=None)
         values[key] = value if isinstance(value, (bool, int, float)) else text  # groups, strings: as typed
@@ -92,24 +78,41 @@ def run_hparams(cfg, metrics: dict, overrides: list[str]) -> dict[str, Any]:
 
 
 def write_run_summary(run_dir: Path, cfg, metrics: dict, logits: Optional[dict[str, torch.Tensor]] = None,
-                      labels: Optional[torch.Tensor] = None) -> None:
-    """Final scalars, the HParams entry and (with tb_figures > 0) the reliability diagram of the run."""
-    scalars = final_scalars(metrics)
+                      labels: Optional[torch.Tensor] = None, sweep_job: Optional[int] = None) -> None:
+    """The HParams entry of the run and (with tb_figures > 0) its reliability diagrams.
+
+    `sweep_job`: the job's number in a multirun, None for a single run. The HParams config (which
+    columns, in which order) is the sweep's, written once in its own run (kdrun.tensorboard.sweep_run).
+    The teacher's diagram is drawn once per sweep, by job 0 (and by a single run).
+    The final numbers are the last points of the per-epoch curves (kdrun.tensorboard.curves): no
+    single-point charts.
+    """
     step = len(metrics.get("history") or [])  # the last epoch of the distill stage
     writer = open_writer(run_dir)
     try:
-        for tag, value in scalars.items():
-            writer.add_scalar(tag, value, step)
-        hparam_values = run_hparams(cfg, metrics, metrics.get("overrides", []))
-        metric_tags = {tag: scalars[tag] for tag in HPARAM_METRICS if tag in scalars}
+        hparam_values = run_hparams(cfg, metrics, metrics.get("overrides", []), Path(run_dir).name)
         # torch's add_hparams would open a second run (a subdirectory); the run's own writer keeps one.
-        for summary in hparams(hparam_values, metric_tags):
-            writer.file_writer.add_summary(summary, step)
+        # torch's experiment summary is left out: the config is the sweep's (hparams_config_summary).
+        _, session_start, session_end = hparams(hparam_values, {})
+        writer.file_writer.add_summary(session_start, step)
+        writer.file_writer.add_summary(session_end, step)
         if logits and labels is not None and int(cfg.get("tb_figures", 0)) > 0:
-            from kdrun.evaluation.metrics import ECE_BINS
-            from kdrun.tensorboard.figures import figure_to_array, reliability_figure
-
-            figure = reliability_figure({name: (value, labels) for name, value in logits.items()}, ECE_BINS)
-            writer.add_image("calibration/reliability", figure_to_array(figure), step, dataformats="HWC")
+            _reliability_images(writer, cfg, logits, labels, step, teacher=sweep_job in (None, 0))
     finally:
         writer.close()
+
+
+def _reliability_images(writer, cfg, logits: dict[str, torch.Tensor], labels: torch.Tensor, step: int,
+                        teacher: bool) -> None:
+    """`calibration/reliability`: baseline and student side by side; `calibration/teacher`: the teacher's."""
+    from kdrun.evaluation.metrics import ECE_BINS
+    from kdrun.tensorboard.figures import figure_to_array, reliability_figure
+
+    title = f"T={cfg.T:g}, alpha={cfg.alpha:g}"
+    students = {name: (value, labels) for name, value in logits.items() if name != "teacher"}
+    if students:
+        figure = reliability_figure(students, ECE_BINS, title)
+        writer.add_image("calibration/reliability", figure_to_array(figure), step, dataformats="HWC")
+    if teacher and "teacher" in logits:
+        figure = reliability_figure({"teacher": (logits["teacher"], labels)}, ECE_BINS, "the sweep's teacher")
+        writer.add_image("calibration/teacher", figure_to_array(figure), step, dataformats="HWC")
