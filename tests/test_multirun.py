@@ -7,7 +7,9 @@ the job-name check below is a unit test."""
 def test_two_job_sweep_trains_teacher_and_baseline_once(kdrun, tmp_path, tiny_args, read_metrics):
     proc = kdrun("-m", *tiny_args, "T=1,4", "hydra.sweep.dir=sweep")
     assert proc.returncode == 0, proc.stderr
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert folders[-1].name == "sweep_summary"  # the sweep's own TensorBoard run, beside its jobs
+    jobs = folders[:-1]
     assert [p.name for p in jobs] == ["0_T=1", "1_T=4"]
     metrics = [read_metrics(job) for job in jobs]
     assert [m["T"] for m in metrics] == [1.0, 4.0]

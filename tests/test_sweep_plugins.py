@@ -14,7 +14,9 @@ def fast(tiny_args):
 
 
 def _jobs(sweep_dir):
-    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The job directories of a sweep (not its hidden folders, nor the sweep's own TensorBoard run)."""
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and p.name != "sweep_summary")
 
 
 def _log(job):
