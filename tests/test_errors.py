@@ -89,6 +89,8 @@ LIGHT = {
     "negative loss weight": (["distill.terms.kd.weight=-5"], "distill.terms.kd.weight=-5 is negative"),
     "negative dkd part weight": (["distill=dkd", "distill.terms.dkd.beta=-8"], "distill.terms.dkd.beta=-8 is negative"),
     "zero term temperature": (["distill.terms.kd.T=0"], "distill.terms.kd.T=0 must be > 0"),
+    "virtual teacher sure of the label": (["distill=tfkd", "distill.terms.tfkd_reg.a=1"],
+                                          "distill.terms.tfkd_reg.a=1 must be between 0 and 1"),
     "no mlkd temperatures": (["distill=mlkd", "distill.terms.mlkd.temperatures=[]"],
                              "distill.terms.mlkd.temperatures=[] must list numbers > 0"),
     "negative momentum": (["optim.momentum=-1"], "optim.momentum=-1.0 must be within [0, 1)"),

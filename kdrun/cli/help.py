@@ -28,8 +28,8 @@ GROUPS = {
     "optim": "optimizer",
     "sched": "learning-rate schedule",
     "quantize": "the shipped model after training: none, or int8 (ONNX Runtime, calibrated; kdrun[deploy])",
-    "experiment": "a published recipe that sets the values above (the CIFAR-100 pairs of the literature)",
-    "recipe": "a training recipe alone (epochs, optimizer, schedule) for any pair: +recipe=cifar100",
+    "experiment": "a published recipe that sets the values above (the CIFAR-100 and ImageNet pairs of the literature)",
+    "recipe": "a training recipe alone (epochs, optimizer, schedule) for any pair: +recipe=cifar100 or +recipe=imagenet",
     "hparams_search": "an Optuna search space, with -m (needs pip install \"kdrun[optuna]\")",
 }
 

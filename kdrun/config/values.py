@@ -22,6 +22,8 @@ from kdrun.errors import KdrunError
 TERM_PART_WEIGHTS = {"dkd": ("alpha", "beta"), "dist": ("beta", "gamma"), "nkd": ("gamma",)}
 # Term options that are temperatures (divisors of logits or similarities): > 0.
 TERM_TEMPERATURES = ("T", "nce_t")
+# Term options (by term type) that are probabilities strictly between 0 and 1 (a log of each is taken).
+TERM_PROBABILITIES = {"tfkd_reg": ("a",)}
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -150,6 +152,10 @@ def check_term_values(distill: DictConfig) -> None:
         for option in TERM_TEMPERATURES:
             value = spec.get(option)
             _require(not _is_number(value) or value > 0, f"{key}.{option}={value} must be > 0, e.g. {key}.{option}=4")
+        for option in TERM_PROBABILITIES.get(kind, ()):
+            value = spec.get(option)
+            _require(not _is_number(value) or 0 < value < 1,
+                     f"{key}.{option}={value} must be between 0 and 1 (exclusive), e.g. {key}.{option}=0.99")
         temperatures = spec.get("temperatures")
         if isinstance(temperatures, list):
             _require(len(temperatures) > 0 and all(_is_number(t) and t > 0 for t in temperatures),
