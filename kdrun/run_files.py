@@ -36,9 +36,16 @@ def write_json_atomic(data: dict, path: Path) -> None:
 
 
 def write_text_atomic(text: str, path: Path) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write; renamed onto `path` when the block ends without an error."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # a full disk must not leave the temporary file behind

@@ -8,19 +8,11 @@ from kdrun.distill import StepContext, build_loss
 from kdrun.distill.ctkd import CTKDTerm, curriculum_strength
 from kdrun.distill.nkd import NKDTerm
 from kdrun.distill.ttm import TTMTerm, WTTMTerm
+from test_response_losses import kl, softmax  # the same plain-Python references
 
 STUDENT = [[2.0, 1.0, 0.1, -1.0, 0.3], [0.5, 0.5, 2.5, 0.0, -0.7], [-1.0, 3.0, 0.0, 1.0, 0.2]]
 TEACHER = [[3.0, 0.5, 0.0, -0.5, 1.0], [0.0, 1.0, 3.0, -1.0, 0.4], [0.5, 2.0, 1.0, 0.0, -2.0]]
 TARGETS = [0, 2, 3]
-
-
-def softmax(values, T=1.0):
-    exps = [math.exp(v / T) for v in values]
-    return [e / sum(exps) for e in exps]
-
-
-def kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
 
 
 def context(student=STUDENT, teacher=TEACHER, epoch=0, grad=False):

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdrun.deploy.export import FORMATS, export_formats, export_model, export_program, write_preprocessing
+from kdrun.config.deploy_checks import export_formats
+from kdrun.deploy.export import FORMATS, export_model, export_program, write_preprocessing
 from kdrun.deploy.onnx_runtime import OnnxRuntimeModel, onnxruntime
 from kdrun.deploy.quantize import INT8_FILE, quantize_int8
 from kdrun.engine import distributed
@@ -82,7 +83,9 @@ def deploy(ctx: RunContext, result: ParadigmResult) -> Optional[KdrunError]:
         if quantize == "int8":
             shipped["int8"] = directory / INT8_FILE
         report["preprocessing"] = str(write_preprocessing(directory, ctx.data, name, shipped))
-        logits, labels = predict_test_split(ctx, model)
+        logits, labels = result.test_logits.get(key), result.labels
+        if logits is None or labels is None:  # a paradigm that keeps no test logits of the shipped model
+            logits, labels = predict_test_split(ctx, model)
         threads = timing_threads(ctx.device)
         for fmt, path in files.items():
             if fmt not in formats:

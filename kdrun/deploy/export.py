@@ -28,14 +28,6 @@ PREPROCESSING_FILE = "preprocessing.json"
 ONNX_OPSET = 18
 
 
-def export_formats(setting) -> list[str]:
-    """`export=onnx`, `export=[onnx,program]` or none (null, none, []), as a list of format names."""
-    if setting is None:
-        return []
-    names = [setting] if isinstance(setting, str) else list(setting)
-    return [str(n) for n in names if str(n).lower() not in ("none", "")]
-
-
 def export_model(model: nn.Module, example: torch.Tensor, directory: Path, formats: Iterable[str],
                  model_name: str) -> dict[str, Path]:
     """Write `model` (in eval mode, on the CPU) in each of `formats` into `directory`; their paths.

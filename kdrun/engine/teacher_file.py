@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from kdrun.data import DataBundle, InMemoryDataset
 from kdrun.engine.evaluate import predict
 from kdrun.errors import KdrunError
+from kdrun.run_files import replacing
 
 FORMAT = "kdrun-teacher-outputs"
 VERSION = 1
@@ -107,13 +108,8 @@ def write_outputs(path: Path, kind: str, k: Optional[int], data: DataBundle, tea
         arrays.update({f"{split}_{name}": value for name, value in outputs_of_kind(logits, kind, k).items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
     return path
 
 
