@@ -225,3 +225,39 @@ def test_read_only_permissions(tmp_path, capsys):
         root.chmod(0o755)
     out, err = capsys.readouterr()
     assert "50.00" in out and "Permission denied" in err and err.count("\n") == 1
+
+
+def test_deployed_artifacts_get_columns_of_their_own(tmp_path):
+    """export=/quantize= runs: top-1, size and latency of each artifact kind some run has, averaged like the rest."""
+    def with_int8(last, int8_top1, size, latency, qat=None):
+        result = metrics(last)
+        result["student"]["size_mb"] = 0.4
+        result["student_int8"] = {"top1": int8_top1, "top1_drop": last - int8_top1, "size_mb": size,
+                                  "latency_ms": latency}
+        if qat is not None:
+            result["student_qat"] = {"top1": qat, "top1_drop": last - qat, "size_mb": size, "latency_ms": latency}
+        return result
+
+    root = tmp_path / "sweep"
+    make_run(root, "0_quantize=int8,seed=0", ["quantize=int8", "seed=0"], with_int8(0.80, 0.78, 0.12, 0.5))
+    make_run(root, "1_quantize=int8,seed=1", ["quantize=int8", "seed=1"], with_int8(0.90, 0.84, 0.14, 0.7))
+    make_run(root, "2_quantize=none,seed=0", ["quantize=none", "seed=0"], metrics(0.70))
+    make_run(root, "3_quantize=qat,seed=0", ["quantize=qat", "seed=0"], with_int8(0.60, 0.55, 0.12, 0.5, qat=0.59))
+    report = build_report(root)
+    assert [c.name for c in report.columns][-6:] == [
+        "student_int8_top1", "student_int8_size_mb", "student_int8_latency_ms",
+        "student_qat_top1", "student_qat_size_mb", "student_qat_latency_ms"]
+    int8_row = next(row for row in report.rows if row.keys["quantize"] == "int8")
+    assert int8_row.stats["student_int8_top1"][0] == pytest.approx(0.81)
+    assert int8_row.stats["student_int8_top1"][1] == pytest.approx(statistics.stdev([0.78, 0.84]))
+    assert int8_row.stats["student_int8_size_mb"][0] == pytest.approx(0.13)
+    none_row = next(row for row in report.rows if row.keys["quantize"] == "none")
+    assert none_row.stats["student_int8_top1"] == (None, None)
+    header, *lines = format_table(report).splitlines()[1:]
+    assert "int8 top-1 (%)" in header and "int8 size" in header and "qat latency" in header
+    assert "81.00+-4.24" in lines[0] and "0.13+-0.01MB" in lines[0] and "0.60+-0.14ms" in lines[0]
+    write_report(root)
+    with open(root / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[0]["student_int8_top1"]) == pytest.approx(0.81)
+    assert rows[1]["student_int8_top1"] == "" and float(rows[2]["student_qat_top1"]) == pytest.approx(0.59)

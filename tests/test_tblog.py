@@ -402,3 +402,29 @@ def test_soft_target_figure_is_sized_for_a_tensorboard_card():
     drawn = np.argwhere((pixels < 250).any(2))
     (top, left), (bottom, right) = drawn.min(0), drawn.max(0)
     assert top < 10 and left < 10 and pixels.shape[0] - bottom < 10 and pixels.shape[1] - right < 10
+
+
+def test_deployed_artifacts_are_scalars_for_the_hparams_tab_and_a_table(tmp_path):
+    from kdrun.tensorboard.sweep_run import write_sweep_run
+    from kdrun.tensorboard.writer import artifact_scalars
+
+    metrics = {**sample_metrics(), "overrides": RUN_OVERRIDES}
+    metrics["student"]["size_mb"] = 0.3
+    metrics["student_int8"] = {**model_metrics(0.8125), "top1_drop": 0.85 - 0.8125, "size_mb": 0.09,
+                               "latency_ms": 0.75}
+    write_run_summary(tmp_path / "run", sample_cfg(), metrics, sweep_job=0)
+    events = read_events(tmp_path / "run")
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    # at the distill stage's last epoch (2), beside the per-epoch curves' last points
+    assert scalars == {"deploy/student_int8_top1": [(2, 0.8125)], "deploy/student_int8_size_mb": [(2, pytest.approx(0.09))],
+                       "deploy/student_int8_latency_ms": [(2, 0.75)]}
+    (text,) = events.Tensors("deploy/artifacts/text_summary")
+    table = text.tensor_proto.string_val[0].decode().splitlines()
+    assert table[2] == "| student_int8 | 81.25 | -3.75 | 0.09 | 0.30 | 0.75 | 2.00 |"
+    # the sweep's HParams config lists them after the training metrics
+    sweep = write_sweep_run(tmp_path, [{"job": "0", "T": 4.0}], ["T"], "",
+                            [], [(tag, name) for tag, name, _ in artifact_scalars(metrics)])
+    names = [(m.name.tag, m.display_name) for m in experiment_of(read_events(sweep)).metric_infos]
+    assert names == SWEEP_METRICS + [("deploy/student_int8_top1", "int8 top-1"),
+                                     ("deploy/student_int8_size_mb", "int8 size (MB)"),
+                                     ("deploy/student_int8_latency_ms", "int8 latency (ms)")]

@@ -3,7 +3,7 @@
 Each run is a directory with `metrics.json` and/or `.hydra/overrides.yaml`. The table shows the swept
 keys (overridden keys whose values differ between runs; a run that did not override a key has the value
 of its composed config, .hydra/config.yaml), teacher / baseline / student top-1, gain, agreement, ECE,
-params, latency and status. Completed runs that differ only in `seed` share a row: mean +- sample
+params, latency, each deployed artifact's top-1, size and latency (export=, quantize=) and status. Completed runs that differ only in `seed` share a row: mean +- sample
 standard deviation over their seeds, or over repeats of one seed (said so: `0x2`). A run without
 metrics.json is `running` while a process holds its lock (kdrun/run_files.py), else `interrupted`.
 The report is printed and written into PATH (or --out DIR) as summary.csv, summary.md, PNG plots
@@ -116,6 +116,21 @@ COLUMNS = [
     Column("student_latency_ms", "latency", lambda m: _model(m, "student").get("latency_ms"), "ms"),
 ]
 
+# The deployed artifacts a run measured (export=, quantize=): metrics.json's `<role>_<kind>` entries, e.g.
+# `student_int8`, each with the drop from the PyTorch model it came from. Columns only for kinds some run has.
+ARTIFACT_FIELDS = (("top1", "top-1", "%"), ("size_mb", "size", "MB"), ("latency_ms", "latency", "ms"))
+
+
+def artifact_keys(metrics: dict) -> list[str]:
+    return [key for key, value in metrics.items() if isinstance(value, dict) and "top1_drop" in value]
+
+
+def artifact_columns(runs: list["Run"]) -> list[Column]:
+    keys = list(dict.fromkeys(key for run in runs if run.metrics for key in artifact_keys(run.metrics)))
+    return [Column(f"{key}_{field}", f"{key.split('_', 1)[-1]} {header}",
+                   lambda m, key=key, field=field: _model(m, key).get(field), unit)
+            for key in keys for field, header, unit in ARTIFACT_FIELDS]
+
 
 @dataclass
 class Row:
@@ -136,6 +151,7 @@ class Report:
     swept: list[str]                               # keys that differ between runs, in command-line order
     grouped_seeds: bool                            # whether rows average over seeds
     rows: list[Row]
+    columns: list[Column] = field(default_factory=lambda: list(COLUMNS))  # COLUMNS + the runs' artifacts
 
 
 # ---- reading runs -------------------------------------------------------------------------------
@@ -239,14 +255,15 @@ def build_report(root: Path) -> Report:
             groups[group_key].runs.append(run)
         else:  # unfinished and failed runs keep a row of their own
             rows.append(Row({key: run.value(key) for key in row_keys}, [run]))
+    columns = COLUMNS + artifact_columns(runs)
     for row in rows:
         row.stats = {column.name: _mean_std([column.value(run.metrics) for run in row.runs if run.metrics])
-                     for column in COLUMNS}
+                     for column in columns}
     grouped = any(len(row.runs) > 1 for row in rows)
     if "seed" in swept and not grouped:  # nothing to average: the seed is a plain column
         for row in rows:
             row.keys = {key: row.runs[0].value(key) for key in swept}
-    return Report(root, runs, swept, grouped, rows)
+    return Report(root, runs, swept, grouped, rows, columns)
 
 
 def row_seeds(row: Row) -> str:
@@ -281,7 +298,8 @@ def _mean_std(values: list) -> tuple[Optional[float], Optional[float]]:
 def _show(value: Optional[float], std: Optional[float], unit: str) -> str:
     if value is None:
         return "-"
-    scale, digits, suffix = {"%": (100, 2, ""), "points": (100, 2, ""), "M": (1e-6, 2, "M"), "ms": (1, 2, "ms")}[unit]
+    scale, digits, suffix = {"%": (100, 2, ""), "points": (100, 2, ""), "M": (1e-6, 2, "M"), "ms": (1, 2, "ms"),
+                             "MB": (1, 2, "MB")}[unit]
     sign = "+" if unit == "points" else ""
     text = f"{value * scale:{sign}.{digits}f}"
     return f"{text}+-{std * scale:.{digits}f}{suffix}" if std is not None else f"{text}{suffix}"
@@ -290,12 +308,13 @@ def _show(value: Optional[float], std: Optional[float], unit: str) -> str:
 def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
     key_names = list(report.rows[0].keys) if report.rows else []
     headers = key_names + (["seeds"] if report.grouped_seeds else [])
-    headers += [f"{c.header} ({c.unit})" if c.unit in ("%", "points") else c.header for c in COLUMNS] + ["status"]
+    headers += [f"{c.header} ({c.unit})" if c.unit in ("%", "points") else c.header for c in report.columns]
+    headers += ["status"]
     cells = []
     for row in report.rows:
         line = [row.keys[key] if row.keys[key] is not None else "-" for key in key_names]
         line += [row_seeds(row)] if report.grouped_seeds else []
-        line += [_show(*row.stats[c.name], c.unit) for c in COLUMNS] + [row.status]
+        line += [_show(*row.stats[c.name], c.unit) for c in report.columns] + [row.status]
         cells.append(line)
     return headers, cells
 
@@ -327,12 +346,13 @@ def write_markdown(report: Report, path: Path) -> None:
 def write_csv(report: Report, path: Path) -> None:
     """Plain numbers (accuracies as fractions, as in metrics.json); `<name>_std` over a row's runs."""
     key_names = list(report.rows[0].keys) if report.rows else []
-    header = key_names + ["runs", "seeds"] + [name for c in COLUMNS for name in (c.name, f"{c.name}_std")] + ["status", "paths"]
+    header = key_names + ["runs", "seeds"] + [name for c in report.columns for name in (c.name, f"{c.name}_std")]
+    header += ["status", "paths"]
     handle = io.StringIO()
     writer = csv.writer(handle)
     writer.writerow(header)
     for row in report.rows:
-        stats = [("" if v is None else repr(v)) for c in COLUMNS for v in row.stats[c.name]]
+        stats = [("" if v is None else repr(v)) for c in report.columns for v in row.stats[c.name]]
         paths = ";".join(str(run.path.relative_to(report.root)) for run in row.runs)
         writer.writerow([row.keys[k] or "" for k in key_names] + [len(row.runs), row_seeds(row)] + stats + [row.status, paths])
     write_text_atomic(handle.getvalue(), path)

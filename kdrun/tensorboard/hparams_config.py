@@ -64,11 +64,13 @@ def _domain(values: list[Any]):
     return None
 
 
-def hparams_config_summary(sessions: list[dict[str, Any]], swept: Iterable[str] = ()):
-    """The summary proto of the HParams config for runs with these hyperparameter values."""
+def hparams_config_summary(sessions: list[dict[str, Any]], swept: Iterable[str] = (),
+                           more_metrics: Iterable[tuple[str, str]] = ()):
+    """The summary proto of the HParams config for runs with these hyperparameter values; `more_metrics`:
+    (tag, display name) after METRICS, e.g. the deployed artifacts' `deploy/student_int8_top1`."""
     order, differs = hparam_order(sessions, swept)
     params = [hp.HParam(key, _domain([s[key] for s in sessions if key in s]), display_name=key) for key in order]
-    metrics = [hp.Metric(tag, display_name=name) for tag, name in METRICS]
+    metrics = [hp.Metric(tag, display_name=name) for tag, name in (*METRICS, *more_metrics)]
     summary = hp.hparams_config_pb(params, metrics)
     # summary_v2 has no `differs`; TensorBoard orders and picks the shown columns by it.
     value = summary.value[0]

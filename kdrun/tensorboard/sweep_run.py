@@ -16,7 +16,7 @@ SWEEP_RUN = "sweep_summary"
 
 
 def write_sweep_run(sweep_dir: Path, sessions: list[dict[str, Any]], swept: Iterable[str], table: str,
-                    plots: Iterable[Path]) -> Path:
+                    plots: Iterable[Path], more_metrics: Iterable[tuple[str, str]] = ()) -> Path:
     """Write the run from scratch (a re-run sweep replaces it: TensorBoard keeps the first config it reads)."""
     from PIL import Image  # installed with matplotlib
 
@@ -25,7 +25,7 @@ def write_sweep_run(sweep_dir: Path, sessions: list[dict[str, Any]], swept: Iter
     writer = open_writer(run_dir)
     try:
         if sessions:
-            writer.file_writer.add_summary(hparams_config_summary(sessions, swept), 0)
+            writer.file_writer.add_summary(hparams_config_summary(sessions, swept, more_metrics), 0)
         writer.add_text("report/table", table, 0)
         for path in plots:
             with Image.open(path) as image:

@@ -96,10 +96,47 @@ def write_run_summary(run_dir: Path, cfg, metrics: dict, logits: Optional[dict[s
         _, session_start, session_end = hparams(hparam_values, {})
         writer.file_writer.add_summary(session_start, step)
         writer.file_writer.add_summary(session_end, step)
+        write_artifacts(writer, metrics, step)
         if logits and labels is not None and int(cfg.get("tb_figures", 0)) > 0:
             _reliability_images(writer, cfg, logits, labels, step, teacher=sweep_job in (None, 0))
     finally:
         writer.close()
+
+
+# The deployed artifacts (export=, quantize=): metrics.json's `<role>_<kind>` entries, e.g. `student_int8`.
+# They are measured once, after training: scalars at the last epoch's step (the HParams tab's columns read
+# them) under `deploy/`, and a Text table beside the PyTorch model they came from.
+ARTIFACT_SCALARS = (("top1", "top-1"), ("size_mb", "size (MB)"), ("latency_ms", "latency (ms)"))
+
+
+def artifacts(metrics: dict) -> dict[str, dict]:
+    return {key: value for key, value in metrics.items() if isinstance(value, dict) and "top1_drop" in value}
+
+
+def artifact_scalars(metrics: dict) -> list[tuple[str, str, float]]:
+    """(tag, display name, value) of each artifact scalar a run with these metrics writes."""
+    return [(f"deploy/{key}_{field}", f"{key.split('_', 1)[-1]} {name}", float(value[field]))
+            for key, value in artifacts(metrics).items()
+            for field, name in ARTIFACT_SCALARS if isinstance(value.get(field), (int, float))]
+
+
+def write_artifacts(writer, metrics: dict, step: int) -> None:
+    for tag, _, value in artifact_scalars(metrics):
+        writer.add_scalar(tag, value, step)
+    rows = []
+    for key, value in artifacts(metrics).items():
+        source = metrics.get(key.split("_", 1)[0]) or {}
+        rows.append(f"| {key} | {100 * value['top1']:.2f} | {-100 * value['top1_drop']:+.2f} | "
+                    f"{_number(value.get('size_mb'))} | {_number(source.get('size_mb'))} | "
+                    f"{_number(value.get('latency_ms'))} | {_number(source.get('latency_ms'))} |")
+    if rows:
+        header = ["| artifact | top-1 (%) | vs PyTorch (points) | size (MB) | PyTorch size (MB) | latency (ms) "
+                  "| PyTorch latency (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        writer.add_text("deploy/artifacts", "\n".join(header + rows), step)
+
+
+def _number(value) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
 
 def _reliability_images(writer, cfg, logits: dict[str, torch.Tensor], labels: torch.Tensor, step: int,
