@@ -10,7 +10,7 @@ from kdrun.distill.registry import TERMS
 from kdrun.errors import KdrunError
 
 
-@TERMS.register("nd", family="feature")
+@TERMS.register("nd", family="head")   # reads the models' embeddings through kdrun.models.head
 class NDTerm(nn.Module):
     """Norm-and-direction loss on the pooled penultimate features.
 
