@@ -166,7 +166,8 @@ def sdd_inputs(seed=3):
 def sdd_context(s_map, t_map, s_head, t_head, epoch=30):
     return StepContext(torch.zeros(3, 4, dtype=torch.float64), torch.tensor(TARGETS), torch.arange(3),
                        torch.zeros(3, 4, dtype=torch.float64), epoch=epoch,
-                       student_map=torch.tensor(s_map, dtype=torch.float64), teacher_map=torch.tensor(t_map, dtype=torch.float64),
+                       student_map=torch.tensor(s_map, dtype=torch.float64),
+                       teacher_map=torch.tensor(t_map, dtype=torch.float64),
                        student_head=Head(*s_head), teacher_head=Head(*t_head))
 
 
@@ -209,7 +210,8 @@ def test_the_method_files_build_the_authors_terms():
     assert sdd_kd.weights == {"ce": 0.1, "sdd": 0.9} and sdd_kd.terms["sdd"].scales == [1, 2, 4]
     assert sdd_kd.needs_head and not sdd_kd.needs_class_means and not sdd_kd.needs_features
     sdd_dkd = build_loss(compose_distill("distill=sdd_dkd"), shapes)
-    assert (sdd_dkd.terms["sdd"].base, sdd_dkd.terms["sdd"].beta, sdd_dkd.terms["sdd"].warmup_epochs) == ("dkd", 8.0, 20)
+    sdd = sdd_dkd.terms["sdd"]
+    assert (sdd.base, sdd.beta, sdd.warmup_epochs) == ("dkd", 8.0, 20)
 
 
 # --- the head split and the class means -------------------------------------------------------------------
@@ -255,9 +257,10 @@ def test_teacher_class_means_average_each_class_over_the_training_set():
 
 
 def test_head_methods_refuse_stored_teacher_outputs_and_feature_terms():
+    from test_feature_losses import compose_distill
+
     from kdrun.stages.heads import head_pairing
     from kdrun.stages.stored_teacher import check_method
-    from test_feature_losses import compose_distill
 
     with pytest.raises(KdrunError, match="white-box teacher"):
         check_method(compose_distill("distill=sdd_kd"), "logits", "t.npz")

@@ -21,7 +21,8 @@ identities above on a dummy batch and refuses a model whose head is not "pool, t
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, fx, nn
@@ -48,7 +49,7 @@ class HeadSplit(nn.Module):
         self.model, self.model_name, self.role = model, model_name, role
         self.map_channels = 0
         self.embedding_dim = 0
-        self._classifier: Optional[Callable[[Tensor], Tensor]] = None
+        self._classifier: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> HeadOutput:
         return HeadOutput(*self._split(x))
@@ -97,14 +98,14 @@ class HeadSplit(nn.Module):
         return f"model_name={self.model_name!r}"
 
 
-def _try(fn: Callable[[Tensor], Tensor], x: Tensor) -> Optional[Tensor]:
+def _try(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor | None:
     try:
         return fn(x)
     except Exception:
         return None
 
 
-def _same(a: Optional[Tensor], b: Tensor) -> bool:
+def _same(a: Tensor | None, b: Tensor) -> bool:
     return isinstance(a, Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -154,7 +155,7 @@ class FxHead(HeadSplit):
     the pooled head is the graph's tail from the final map on, as its own GraphModule."""
 
     def __init__(self, model: nn.Module, model_name: str, role: str, nodes: tuple[str, str, str],
-                 extractor: fx.GraphModule, tail: fx.GraphModule, classifier: Optional[nn.Module]) -> None:
+                 extractor: fx.GraphModule, tail: fx.GraphModule, classifier: nn.Module | None) -> None:
         super().__init__(model, model_name, role)
         self._nodes = nodes
         # Both reuse the model's modules: kept out of the module tree so parameters are not listed twice.

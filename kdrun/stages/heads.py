@@ -30,7 +30,7 @@ def pair_heads(ctx: RunContext, student: nn.Module, teacher: nn.Module, method: 
 
 
 def head_pairing(ctx: RunContext, model: nn.Module, teacher: nn.Module, distill_cfg: dict,
-                 pairing: Optional[FeaturePairing]) -> tuple[HeadPairing, FeatureShapes]:
+                 pairing: FeaturePairing | None) -> tuple[HeadPairing, FeatureShapes]:
     """Both models split at their global pooling, and the shapes the head terms are built for."""
     method = distill_cfg.get("name", "custom")
     if pairing is not None:
