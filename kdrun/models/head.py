@@ -140,11 +140,20 @@ class TimmHead(HeadSplit):
         super().__init__(model, model_name, role)
         classifier = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
         self._classifier = classifier if isinstance(classifier, nn.Module) else None
+        self._split_head = False
+
+    def measure(self, input_shape: tuple[int, int, int]) -> HeadSplit:
+        super().measure(input_shape)
+        # Once the classifier is known to give the logits, the head runs once per step (BatchNorm in a
+        # head, as MobileNetV4's, then updates once).
+        self._split_head = self._classifier is not None
+        return self
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         final = self.model.forward_features(x)
-        embedding = self.model.forward_head(final, pre_logits=True)
-        return self.model.forward_head(final), final, as_vector(embedding)
+        embedding = as_vector(self.model.forward_head(final, pre_logits=True))
+        logits = self._classifier(embedding) if self._split_head else self.model.forward_head(final)
+        return logits, final, embedding
 
     def pooled_head(self, pooled: Tensor) -> Tensor:
         return self.model.forward_head(_as_map(pooled))
