@@ -62,7 +62,7 @@ def test_term_families_are_views_of_the_registry():
     assert set(FEATURE_TERMS) == {name for name in TERMS if TERMS.info(name)["family"] == "feature"}
     assert set(RELATION_TERMS) == {"rkd", "pkt", "cc", "sp", "crd"}
     assert set(TERMS) == set(FEATURE_TERMS) | set(RELATION_TERMS) | {
-        name for name in TERMS if TERMS.info(name)["family"] == "response"}
+        name for name in TERMS if TERMS.info(name)["family"] in ("response", "head")}
 
 
 # --- datasets <-> conf/dataset ------------------------------------------------------------------------

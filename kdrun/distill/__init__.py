@@ -43,6 +43,20 @@ class DistillLoss(nn.Module):
     def needs_strong_view(self) -> bool:
         return any(getattr(term, "needs_strong_view", False) for term in self.terms.values())
 
+    @property
+    def needs_head(self) -> bool:
+        return any(getattr(term, "needs_head", False) for term in self.terms.values())
+
+    @property
+    def needs_class_means(self) -> bool:
+        return any(getattr(term, "needs_class_means", False) for term in self.terms.values())
+
+    def set_class_means(self, means: torch.Tensor) -> None:
+        """Give the teacher's class-mean embeddings (K, D) to the terms that asked for them."""
+        for term in self.terms.values():
+            if getattr(term, "needs_class_means", False):
+                term.set_class_means(means)
+
     def forward(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         values = {name: term(ctx) for name, term in self.terms.items()}
         total = sum(self.weights[name] * value for name, value in values.items())
@@ -72,6 +86,11 @@ def needs_strong_view(distill_cfg: Mapping[str, Any]) -> bool:
 def needs_features(distill_cfg: Mapping[str, Any]) -> bool:
     """Whether any weighted term reads intermediate features (decided before building models' taps)."""
     return any(getattr(cls, "needs_features", False) for _, cls, _, weight in _term_specs(distill_cfg) if weight)
+
+
+def needs_head(distill_cfg: Mapping[str, Any]) -> bool:
+    """Whether any weighted term reads the models' final maps or heads (kdrun.models.head)."""
+    return any(getattr(cls, "needs_head", False) for _, cls, _, weight in _term_specs(distill_cfg) if weight)
 
 
 def build_loss(distill_cfg: Mapping[str, Any], shapes: Optional[FeatureShapes] = None) -> DistillLoss:
@@ -107,4 +126,4 @@ def _load_term_modules() -> None:
 _load_term_modules()
 
 __all__ = ["DistillLoss", "FeatureShapes", "StepContext", "TERMS", "TERM_TYPES", "build_loss", "check_terms",
-           "hard_label_loss", "needs_features", "needs_strong_view"]
+           "hard_label_loss", "needs_features", "needs_head", "needs_strong_view"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -28,6 +28,14 @@ class StepContext:
     # on a strongly augmented view of the same images (kdrun/data/strong_view.py).
     student_logits_strong: Optional[torch.Tensor] = None
     teacher_logits_strong: Optional[torch.Tensor] = None
+    # Filled when a term sets needs_head (kdrun/models/head.py): each model's final map (B, C, H, W), the one
+    # its global pooling reduces, and its HeadSplit, whose pooled_head(v) and classifier(e) give logits from
+    # pooled map vectors and from embeddings (call the teacher's under torch.no_grad() unless gradients must
+    # flow through it to the student). The embeddings above are filled too.
+    student_map: Optional[torch.Tensor] = None
+    teacher_map: Optional[torch.Tensor] = None
+    student_head: Optional[Any] = None      # kdrun.models.head.HeadSplit
+    teacher_head: Optional[Any] = None
 
 
 @dataclass

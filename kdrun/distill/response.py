@@ -45,18 +45,24 @@ class KDTerm(nn.Module):
     """Hinton's soft-target term at temperature T.
 
     With `logit_standardize`, both logits are z-scored per sample first (see `standardize_logits`).
+    `warmup_epochs` > 0 ramps the term up as `warmup_factor` says (KD++ warms its KD term up; plain KD does not).
     """
 
     needs_teacher = True
 
-    def __init__(self, T: float = 4.0, logit_standardize: bool = False):
+    def __init__(self, T: float = 4.0, logit_standardize: bool = False, warmup_epochs: int = 0,
+                 warmup_offset: int = 1):
         super().__init__()
         self.T = float(T)
         self.logit_standardize = bool(logit_standardize)
+        self.warmup_epochs, self.warmup_offset = int(warmup_epochs), int(warmup_offset)
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         student, teacher = logit_pair(ctx, self.logit_standardize)
-        return kd_divergence(student, teacher, self.T)
+        loss = kd_divergence(student, teacher, self.T)
+        if self.warmup_epochs > 0:
+            loss = warmup_factor(ctx.epoch, self.warmup_epochs, self.warmup_offset) * loss
+        return loss
 
 
 # --- Logit standardization (Sun, Ren, Li, Wang & Cao, CVPR 2024) -------------------------------------
@@ -139,16 +145,17 @@ class DKDTerm(nn.Module):
     needs_teacher = True
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup_epochs: int = 20,
-                 logit_standardize: bool = False):
+                 logit_standardize: bool = False, warmup_offset: int = 1):
         super().__init__()
         self.alpha, self.beta, self.T = float(alpha), float(beta), float(T)
-        self.warmup_epochs = int(warmup_epochs)
+        self.warmup_epochs, self.warmup_offset = int(warmup_epochs), int(warmup_offset)
         self.logit_standardize = bool(logit_standardize)
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         student, teacher = logit_pair(ctx, self.logit_standardize)
         tckd, nckd = dkd_parts(student, teacher, ctx.targets, self.T)
-        return warmup_factor(ctx.epoch, self.warmup_epochs) * (self.alpha * tckd + self.beta * nckd)
+        factor = warmup_factor(ctx.epoch, self.warmup_epochs, self.warmup_offset)
+        return factor * (self.alpha * tckd + self.beta * nckd)
 
 
 # --- DIST (Huang, You, Wang, Qian & Xu, NeurIPS 2022) -------------------------------------------------

@@ -56,8 +56,10 @@ class StepForward:
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None,
                  features: Optional[FeaturePairing] = None, teacher_outputs=None,
-                 strong_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 strong_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, heads=None):
         self.student, self.teacher, self.features = student, teacher, features
+        # kdrun.engine.head_forward.HeadPairing: when set, both models run through their HeadSplit.
+        self.heads = heads
         # kdrun.engine.teacher_cache.TeacherOutputs: when set, the teacher's outputs are read, not computed.
         self.teacher_outputs = teacher_outputs
         # kdrun.data.strong_view.StrongView: when set, both models also see a strong view of each batch.
@@ -94,6 +96,8 @@ class StepForward:
     def _weak(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, epoch: int) -> StepContext:
         if self.features is not None:
             return self._with_features(images, labels, indices, epoch)
+        if self.heads is not None:
+            return self.heads.context(images, labels, indices, epoch)
         teacher_logits = teacher_group = peers = None
         if self.teacher_outputs is not None:
             teacher_logits = self.teacher_outputs.logits_for(indices)

@@ -17,7 +17,7 @@ from torch import nn
 from kdrun.data.bundle import validation_set
 from kdrun.data.options import cache_key_options
 from kdrun.data.strong_view import strong_view_for
-from kdrun.distill import DistillLoss, build_loss, hard_label_loss, needs_features
+from kdrun.distill import DistillLoss, build_loss, hard_label_loss, needs_features, needs_head
 from kdrun.engine import distributed
 from kdrun.engine.cache import MODEL, CacheEntry, file_sha256, stage_key
 from kdrun.engine.checkpoint import load_model_weights, save_model
@@ -26,6 +26,7 @@ from kdrun.engine.speed import numerics_key
 from kdrun.engine.trainer import Recipe, Stage, StageResult, train
 from kdrun.errors import KdrunError
 from kdrun.stages.context import RunContext, plain
+from kdrun.stages.heads import fit_class_means, head_pairing
 from kdrun.tensorboard.curves import validation_logger, write_reference_curves
 from kdrun.tensorboard.soft_targets import soft_target_logger
 from kdrun.tensorboard.writer import cache_run_name, open_writer, write_layout
@@ -168,6 +169,7 @@ def distill_student(ctx: RunContext, teacher: Optional[nn.Module], teacher_top1:
         # Frozen from here on: even a dummy probe in train mode would move the teacher's BatchNorm statistics.
         teacher.to(ctx.device).eval().requires_grad_(False)
     forward, loss = distill_forward(ctx, model, teacher)
+    fit_class_means(ctx, forward, loss)
     if forward.features is not None:
         pairing = forward.features
         log.info("features: student %s <-> teacher %s", [pairing.student.names[i] for i in pairing.student_index],
@@ -206,15 +208,20 @@ def distill_forward(ctx: RunContext, model: nn.Module, teacher: Optional[nn.Modu
         pairing = pair_features(ctx, model, teacher, distill_cfg)
         shapes = pairing.shapes((ctx.data.in_chans, *ctx.data.image_size), ctx.data.num_classes,
                                 len(ctx.data.train))
+    heads = None
+    if needs_head(distill_cfg):
+        heads, shapes = head_pairing(ctx, model, teacher, distill_cfg, pairing)
     loss = build_loss(distill_cfg, shapes)
     outputs = None
-    if cached_teacher and ctx.cfg.teacher.cache and loss.needs_teacher:
+    if cached_teacher and ctx.cfg.teacher.cache and loss.needs_teacher and heads is None:
         from kdrun.engine.teacher_cache import teacher_outputs_for_run
 
         outputs = teacher_outputs_for_run(ctx, teacher, pairing, ctx.speed)
         log.info("teacher outputs: %s %s", "reusing" if outputs.reused else "cached", outputs.directory)
+    if cached_teacher and ctx.cfg.teacher.cache and heads is not None:
+        log.info("teacher outputs: not cached (the method reads the teacher's final feature map; it runs live)")
     forward = StepForward(model, teacher if loss.needs_teacher else None, pairing, outputs,
-                          strong_view_for(loss, ctx.data))
+                          strong_view_for(loss, ctx.data), heads=heads)
     return forward, loss
 
 

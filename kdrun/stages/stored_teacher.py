@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from kdrun.data import DataBundle
-from kdrun.distill import check_term, needs_features
+from kdrun.distill import check_term, needs_features, needs_head
 from kdrun.distill.response import CrossEntropyTerm
 from kdrun.engine.teacher_cache import TeacherOutputs, check_cacheable
 from kdrun.engine.teacher_file import (StoredFile, as_logits, check_against, in_dataset_order, read_outputs,
@@ -86,7 +86,7 @@ def check_method(distill_cfg: Mapping[str, Any], kind: str, path: str) -> None:
 
     distill = OmegaConf.to_container(distill_cfg, resolve=True) if isinstance(distill_cfg, DictConfig) else distill_cfg
     method = distill.get("name", "custom")
-    if needs_features(distill):
+    if needs_features(distill) or needs_head(distill):
         raise KdrunError(f"distill={method} needs a white-box teacher (its intermediate features or embeddings), but "
                          f"teacher.outputs={path} holds its outputs only: pick a logit method (kd, dkd, dist, mlkd, "
                          "hard) or give the teacher model (teacher.name / teacher.checkpoint)")
