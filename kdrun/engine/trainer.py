@@ -19,6 +19,7 @@ from kdrun.engine.checkpoint import model_checkpoint, save_atomic
 from kdrun.engine.divergence import check_finite_weights
 from kdrun.engine.evaluate import predict
 from kdrun.engine.forward import StepForward
+from kdrun.engine.init_phase import run_init_phase
 from kdrun.engine.last_checkpoint import load_last, restore, save_last
 from kdrun.engine.loaders import Batches, check_batch_fits, on_device
 from kdrun.engine.optim import build_optimizer, build_scheduler
@@ -134,6 +135,8 @@ def train(stage: Stage, forward: StepForward, loss: DistillLoss, train_set, val_
     val_set = on_device(val_set, device)
     test_set = on_device(test_set, device) if test_set is not None else None
     result, start_epoch = _resume(stage, training) if stage.resume else (StageResult(), 0)
+    if start_epoch == 0:
+        run_init_phase(training)  # two-stage methods (AB, FSP, FT) first initialize (kdrun.engine.init_phase)
     epochs_bar = tqdm(range(start_epoch, recipe.epochs), desc=stage.name, unit="epoch",
                       disable=not stage.progress, initial=start_epoch, total=recipe.epochs)
     for epoch in epochs_bar:
