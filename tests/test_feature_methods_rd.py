@@ -271,3 +271,19 @@ def test_init_phase_trains_the_student_and_connectors_for_ab_then_training_runs_
     assert any(n.startswith("stages.") for n in moved) and not any(n.startswith("head") for n in moved)
     result = train(stage, forward, loss, data.train, data.test)   # the main phase: CE alone
     assert result.history[0]["loss_ab"] == 0.0 and result.history[0]["loss"] == result.history[0]["loss_ce"]
+
+
+def test_kdsvd_gradient_stays_finite_on_rank_deficient_maps():
+    # a thin student widened by its 1x1 adapter: rank <= 3 of 32 channels, many equal (zero) singular values,
+    # where torch's own SVD gradient (which also pairs the discarded vectors) is nan in float32
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    student = [torch.randn(8, 2, 8, 8).requires_grad_(True), torch.randn(8, 2, 4, 4).requires_grad_(True)]
+    teacher = [torch.randn(8, 32, 8, 8).relu(), torch.randn(8, 32, 4, 4).relu()]
+    term = KDSVDTerm(shapes_of(student, teacher))
+    matrix = term.adapters[0](student[0]).flatten(2).transpose(1, 2)
+    _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    assert not torch.isfinite(torch.autograd.grad(vh[:, :4].sum(), student[0])[0]).all()   # the failure avoided
+    term(context(student, teacher)).backward()
+    assert all(torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0 for s in student)
+    assert all(torch.isfinite(p.grad).all() for p in term.parameters())
