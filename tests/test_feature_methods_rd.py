@@ -176,6 +176,21 @@ def test_ft_init_loss_is_the_paraphrasers_reconstruction_error():
         FTTerm(shapes_of(student, teacher), layer=2)
 
 
+def test_ft_authors_form_compares_the_papers_flattened_factors():
+    student, teacher = random_maps([3], [2]), [m.relu() for m in random_maps([6], [2], seed=1)]
+    term = FTTerm(shapes_of(student, teacher), form="authors")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in term.translator)
+    with torch.no_grad():
+        f_s, f_t = term.translator(student[0]), term.paraphraser.encoder(teacher[0])
+    diffs = []
+    for a, b in zip(f_s.flatten(1).tolist(), f_t.flatten(1).tolist()):   # ||F_S/||F_S|| - F_T/||F_T|| || per sample
+        norm_a, norm_b = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
+        diffs += [abs(x / norm_a - y / norm_b) for x, y in zip(a, b)]
+    assert term(context(student, teacher)).item() == pytest.approx(sum(diffs) / len(diffs), rel=1e-12)
+    with pytest.raises(KdrunError, match="ft.form='paper' is not one of repdistiller, authors"):
+        FTTerm(shapes_of(student, teacher), form="paper")
+
+
 # --- KDSVD (Lee et al., ECCV 2018) ------------------------------------------------------------------------
 
 def kdsvd_by_hand(student, teacher, k=1):

@@ -34,9 +34,17 @@ class Paraphraser(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+FORMS = ("repdistiller", "authors")
+
+
 def factor_map(factor: torch.Tensor, p: float) -> torch.Tensor:
     """normalize(vec(mean_c F_c^p)): RepDistiller's reading of the paper's normalized factor, (B, C, H, W) -> (B, H*W)."""
     return F.normalize(factor.pow(p).mean(1).flatten(1))
+
+
+def flat_factor(factor: torch.Tensor) -> torch.Tensor:
+    """normalize(vec(F)): the paper's and its authors' normalized factor, (B, C, H, W) -> (B, C*H*W)."""
+    return F.normalize(factor.flatten(1))
 
 
 @TERMS.register("ft", family="feature")
@@ -55,6 +63,9 @@ class FTTerm(nn.Module):
     Both factors are compared as normalize(vec(mean_c F_c^p1)) with p1 = 2 (RepDistiller's `factor`), by the
     element mean of |difference|^p (p = 1); where sizes differ the larger is pooled to the smaller.
     `layer` indexes the matched pairs; -1 (default) is the deepest, the map before pooling as in RepDistiller.
+    `form: authors` is the FT authors' code (Jangho-Kim/Factor-Transfer-pytorch) instead: factor width
+    round(k * C), no BatchNorm in the translator, reconstruction by the element-mean absolute error, and the
+    paper's factor normalize(vec(F)) compared by the element mean of |difference| (their beta: 500).
     """
 
     needs_teacher = True
@@ -62,15 +73,19 @@ class FTTerm(nn.Module):
     init_trains_student = False
 
     def __init__(self, shapes: FeatureShapes, layer: int = -1, k: float = 0.5, p1: float = 2.0, p: float = 1.0,
-                 init_epochs: int = 30, init_lr: Optional[float] = 0.01):
+                 init_epochs: int = 30, init_lr: Optional[float] = 0.01, form: str = "repdistiller"):
         super().__init__()
         pairs = check_pairs(shapes, "ft")
+        if form not in FORMS:
+            raise KdrunError(f"distill.terms.ft.form={form!r} is not one of {', '.join(FORMS)}: pass e.g. "
+                             f"distill.terms.ft.form=repdistiller")
+        self.form = form
         if not -pairs <= int(layer) < pairs:
             raise KdrunError(f"distill.terms.ft.layer={layer} is out of range for {pairs} matched feature "
                              f"pair(s): choose within {-pairs}..{pairs - 1}, e.g. layer=-1 for the deepest")
         self.layer = int(layer) % pairs
         student_channels, teacher_channels = shapes.student_channels[self.layer], shapes.teacher_channels[self.layer]
-        factor_channels = int(teacher_channels * k)
+        factor_channels = int(teacher_channels * k) if form == "repdistiller" else int(round(teacher_channels * k))
         if factor_channels < 1:
             raise KdrunError(f"distill.terms.ft.k={k} leaves int(k * {teacher_channels}) = {factor_channels} factor "
                              f"channels: pick k in (0, 1], e.g. distill.terms.ft.k=0.5")
@@ -81,16 +96,19 @@ class FTTerm(nn.Module):
         self.p1, self.p = float(p1), float(p)
         self.paraphraser = Paraphraser(teacher_channels, factor_channels)
         self.translator = _conv_stack([student_channels, student_channels, factor_channels, factor_channels],
-                                      False, True)
+                                      False, form == "repdistiller")
 
     def init_loss(self, ctx: StepContext) -> torch.Tensor:
         teacher = feature_pairs(ctx)[self.layer][1]
-        return F.mse_loss(self.paraphraser(teacher), teacher)
+        rebuilt = self.paraphraser(teacher)
+        return F.mse_loss(rebuilt, teacher) if self.form == "repdistiller" else F.l1_loss(rebuilt, teacher)
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         student, teacher = feature_pairs(ctx)[self.layer]
         with torch.no_grad():  # the paraphraser is frozen after its initialization
             factor_t = self.paraphraser.encoder(teacher)
         factor_s, factor_t = pool_to_common_size(self.translator(student), factor_t)
+        if self.form == "authors":
+            return (flat_factor(factor_s) - flat_factor(factor_t)).abs().mean()
         diff = factor_map(factor_s, self.p1) - factor_map(factor_t, self.p1)
         return diff.abs().mean() if self.p == 1 else diff.pow(self.p).mean()
