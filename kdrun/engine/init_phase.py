@@ -36,21 +36,24 @@ def run_init_phase(training: Training) -> list[dict[str, float]]:
     if epochs < loss.init_epochs:
         log.info("%s: %d init epoch(s) (init_epochs=%d capped at the run's epochs)", stage.name, epochs,
                  loss.init_epochs)
-    if distributed.active():
-        raise KdrunError("the initialization phase of distill terms (init_epochs) runs in one process: run without "
-                         "torchrun, or pass distill.terms.<name>.init_epochs=0 (with joint=true for ab and fsp)")
     recipe, speed, student = stage.recipe, stage.speed, training.student
-    step_forward = training.step.step_forward
+    if distributed.active() and speed.scaler is not None:
+        raise KdrunError("the initialization phase of distill terms (init_epochs) cannot run with precision=fp16 "
+                         "under torchrun: pass precision=bf16 (or fp32)")
+    step_forward = getattr(training.step, "module", training.step).step_forward
     trains_student = loss.init_trains_student
     lr = loss.init_lr(recipe.lr)
-    optimizer = build_optimizer(list(student.parameters()) + list(loss.parameters()), recipe.optim, lr)
+    params = [p for p in [*student.parameters(), *loss.parameters()] if p.requires_grad]
+    optimizer = build_optimizer(params, recipe.optim, lr)
+    # Outside DDP's wrapper: each process's shard gradients are averaged before every step, as DDP does.
+    optimizer.register_step_pre_hook(lambda *_: distributed.average_gradients(params))
     history = []
     for epoch in range(epochs):
         student.train(trains_student)
         loss.train()
         # Batch orders of their own (negative epochs), so the main epochs see the orders they would without it.
         batches = Batches(training.train_set, recipe.batch_size, stage.device, shuffle=True, seed=recipe.seed,
-                          epoch=-(epoch + 1), num_workers=stage.num_workers)
+                          epoch=-(epoch + 1), num_workers=stage.num_workers, shard=distributed.shard())
         rows = []
         for images, labels, indices in batches:
             with speed.autocast():
@@ -60,7 +63,8 @@ def run_init_phase(training: Training) -> list[dict[str, float]]:
             speed.backward_and_step(total, optimizer)
             rows.append(torch.stack([total.detach(), *(v.detach() for v in parts.values())]))
         names = ["init_loss", *(f"init_loss_{name}" for name in parts)]
-        means = torch.stack(rows).float().mean(0).cpu().tolist()
+        values, _, _ = distributed.reduce_epoch(torch.stack(rows).float(), torch.zeros((), device=stage.device), 0)
+        means = values.mean(0).cpu().tolist()
         if not all(torch.isfinite(torch.tensor(means))):
             raise KdrunError(f"{stage.name}: the initialization phase's loss is not finite in init epoch {epoch + 1}/"
                              f"{epochs} (lr {lr:g}): lower the learning rate or distill.terms.<name>.init_lr")
@@ -70,4 +74,6 @@ def run_init_phase(training: Training) -> list[dict[str, float]]:
         if stage.writer is not None:
             for name, value in record.items():
                 stage.writer.add_scalar(f"init/{name[len('init_'):]}", value, epoch + 1)
+    distributed.sync_buffers(student)  # rank 0's BatchNorm statistics everywhere, as after every epoch
+    distributed.sync_buffers(loss)
     return history
