@@ -302,3 +302,23 @@ def test_kdsvd_gradient_stays_finite_on_rank_deficient_maps():
     term(context(student, teacher)).backward()
     assert all(torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0 for s in student)
     assert all(torch.isfinite(p.grad).all() for p in term.parameters())
+
+
+def test_a_resumed_stage_does_not_initialize_again(tmp_path, monkeypatch):
+    import kdrun.engine.trainer as trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "run_init_phase", lambda training: calls.append(training.stage.name))
+    data, student, forward, loss, stage = _setup(tmp_path, {"ce": {"type": "ce"},
+                                                            "fsp": {"type": "fsp", "init_epochs": 1}}, epochs=2)
+
+    def stop_after_first(epoch, record):
+        if epoch == 0:
+            raise KeyboardInterrupt   # interrupted after epoch 1 (last.pt written)
+
+    stage.on_epoch = stop_after_first
+    with pytest.raises(KeyboardInterrupt):
+        train(stage, forward, loss, data.train, data.test)
+    stage.on_epoch = None
+    result = train(stage, forward, loss, data.train, data.test)   # resumes at epoch 2
+    assert calls == ["student"] and len(result.history) == 2
