@@ -62,6 +62,29 @@ class DistillLoss(nn.Module):
         total = sum(self.weights[name] * value for name, value in values.items())
         return total, values
 
+    # The initialization phase (kdrun.engine.init_phase): terms with `init_epochs` > 0 and an `init_loss(ctx)`.
+    @property
+    def init_epochs(self) -> int:
+        return max((int(getattr(term, "init_epochs", 0)) for term in self.terms.values()), default=0)
+
+    @property
+    def init_trains_student(self) -> bool:
+        """Whether an init loss reaches the student (AB, FSP); if not (FT), the student stays in eval mode."""
+        return any(getattr(term, "init_trains_student", False) for term in self._initialized(0).values())
+
+    def init_lr(self, run_lr: float) -> float:
+        """The initialization's constant learning rate: the first term's own `init_lr`, else the run's."""
+        given = [term.init_lr for term in self._initialized(0).values() if getattr(term, "init_lr", None)]
+        return float(given[0]) if given else float(run_lr)
+
+    def init_forward(self, ctx: StepContext, init_epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Unweighted sum of the init losses of the terms still initializing in `init_epoch` (0-based)."""
+        values = {name: term.init_loss(ctx) for name, term in self._initialized(init_epoch).items()}
+        return sum(values.values()), values
+
+    def _initialized(self, init_epoch: int) -> dict[str, nn.Module]:
+        return {name: term for name, term in self.terms.items() if getattr(term, "init_epochs", 0) > init_epoch}
+
 
 def _term_specs(distill_cfg: Mapping[str, Any]) -> list[tuple[str, type[nn.Module], dict, float]]:
     """(name, class, options, weight) of every term, with one-line errors for unknown types and options."""

@@ -33,7 +33,7 @@ REGRESSORS = ("conv_bn_relu", "conv_bn")
 
 
 def hint_regressor(kind: str, student_channels: int, teacher_channels: int, student_size: tuple[int, int],
-                   teacher_size: tuple[int, int]) -> nn.Module:
+                   teacher_size: tuple[int, int], relu: bool = True) -> nn.Module:
     """The learnable map r from the student's hint map to the teacher's guided map (channels and size).
 
     `conv_bn_relu` (default) is the regressor of the FitNets reference codes (RepDistiller's and
@@ -43,6 +43,7 @@ def hint_regressor(kind: str, student_channels: int, teacher_channels: int, stud
       - student map at least the teacher's: a (1 + Hs - Ht) x (1 + Ws - Wt) convolution (1x1 when equal);
       - otherwise (the reference codes refuse it): the student map is resized to the teacher's, then 1x1.
     `conv_bn` is kdrun's earlier regressor: resize to the teacher's size, 1x1 convolution + BatchNorm.
+    `relu=False` drops the final ReLU (the reference codes' ``ConvReg(use_relu=False)``, AB's connector).
     """
     if kind == "conv_bn":
         return ResizeThen(conv_bn(student_channels, teacher_channels), teacher_size)
@@ -56,7 +57,7 @@ def hint_regressor(kind: str, student_channels: int, teacher_channels: int, stud
         conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=(1 + sh - th, 1 + sw - tw))
     else:
         conv, resize = nn.Conv2d(student_channels, teacher_channels, kernel_size=1), teacher_size
-    layers = nn.Sequential(conv, nn.BatchNorm2d(teacher_channels), nn.ReLU())
+    layers = nn.Sequential(conv, nn.BatchNorm2d(teacher_channels), *([nn.ReLU()] if relu else []))
     return ResizeThen(layers, resize) if resize is not None else layers
 
 

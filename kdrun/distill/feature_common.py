@@ -63,3 +63,29 @@ def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
     """1x1 convolution + BatchNorm: the learnable map from student to teacher channels."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
                          nn.BatchNorm2d(out_channels))
+
+
+def channel_adapters(shapes: FeatureShapes) -> nn.ModuleList:
+    """Per matched pair, a 1x1 conv + BN from the student's to the teacher's channels, or identity where they agree.
+
+    For the terms whose reference codes compare per-network matrices (FSP, KDSVD) and refuse pairs of different
+    widths: with equal widths nothing is added, as there.
+    """
+    return nn.ModuleList(nn.Identity() if s == t else conv_bn(s, t)
+                         for s, t in zip(shapes.student_channels, shapes.teacher_channels))
+
+
+def check_init_phase(method: str, init_epochs: int, joint: bool) -> int:
+    """`init_epochs` of a term with an initialization phase (kdrun.engine.init_phase), checked."""
+    if isinstance(init_epochs, bool) or not isinstance(init_epochs, int) or init_epochs < 0:
+        raise KdrunError(f"distill.terms.{method}.init_epochs={init_epochs!r} must be a whole number >= 0, "
+                         f"e.g. distill.terms.{method}.init_epochs=30")
+    if init_epochs == 0 and not joint:
+        raise KdrunError(f"distill.terms.{method} with init_epochs=0 and joint=false never applies its loss: "
+                         f"pass distill.terms.{method}.init_epochs=30 or distill.terms.{method}.joint=true")
+    return init_epochs
+
+
+def zero_loss(ctx: StepContext) -> torch.Tensor:
+    """The value of a term that does not take part in the main training (logged as 0)."""
+    return ctx.student_logits.new_zeros(())

@@ -19,7 +19,7 @@ from kdrun.errors import KdrunError
 from kdrun.engine.ranks import is_main, local_rank, rank, world_size
 
 __all__ = ["setup", "active", "is_main", "shard", "wrap", "barrier", "from_rank_zero", "reduce_epoch",
-           "sync_buffers", "rank_zero_lock", "check_batch_size"]
+           "sync_buffers", "average_gradients", "rank_zero_lock", "check_batch_size"]
 
 
 def active() -> bool:
@@ -111,6 +111,17 @@ def reduce_epoch(step_values: torch.Tensor, correct: torch.Tensor, seen: int) ->
     processes = world_size()
     values = (packed[:-2] / processes).reshape(step_values.shape)
     return values, packed[-2].round().to(correct.dtype), int(packed[-1].round().item())
+
+
+@torch.no_grad()
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Every process's gradients replaced by their mean, for a step DDP does not wrap (the init phase)."""
+    if not active():
+        return
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)  # SUM: gloo has no AVG
+            param.grad /= world_size()
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from kdrun.engine.checkpoint import model_checkpoint, save_atomic
 from kdrun.engine.divergence import check_finite_weights
 from kdrun.engine.evaluate import predict
 from kdrun.engine.forward import StepForward
+from kdrun.engine.init_phase import run_init_phase
 from kdrun.engine.last_checkpoint import load_last, restore, save_last
 from kdrun.engine.loaders import Batches, check_batch_fits, on_device
 from kdrun.engine.optim import build_optimizer, build_scheduler
@@ -101,8 +102,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def prepare_training(stage: Stage, forward: StepForward, loss: DistillLoss, train_set) -> Training:
-    """Models and loss on the device, the optimizer and schedule, and the step (DDP-wrapped under torchrun)."""
+def prepare_training(stage: Stage, forward: StepForward, loss: DistillLoss, train_set, wrap: bool = True) -> Training:
+    """Models and loss on the device, the optimizer and schedule, and the step (DDP-wrapped under torchrun,
+    unless `wrap` is false: the caller wraps it later)."""
     recipe, device = stage.recipe, stage.device
     check_batch_fits(recipe.batch_size, train_set)
     if loss.needs_teacher and not forward.has_teacher:
@@ -115,7 +117,8 @@ def prepare_training(stage: Stage, forward: StepForward, loss: DistillLoss, trai
     steps_per_epoch = len(Batches(train_set, recipe.batch_size, device, shuffle=True, shard=distributed.shard()))
     optimizer = build_optimizer(list(student.parameters()) + list(loss.parameters()), recipe.optim, recipe.lr)
     scheduler = build_scheduler(optimizer, recipe.sched, steps_per_epoch, recipe.epochs)
-    step = distributed.wrap(TrainStep(forward, loss, stage.speed), device)
+    step = TrainStep(forward, loss, stage.speed)
+    step = distributed.wrap(step, device) if wrap else step
     return Training(stage, student, loss, train_set, step, optimizer, scheduler, steps_per_epoch)
 
 
@@ -129,11 +132,15 @@ def train(stage: Stage, forward: StepForward, loss: DistillLoss, train_set, val_
     (kdrun.engine.teacher_cache), feature taps or a strong view (kdrun.engine.forward.StepForward).
     In a torchrun launch every process trains its shard of each batch; rank 0 alone saves.
     """
-    training = prepare_training(stage, forward, loss, train_set)
+    training = prepare_training(stage, forward, loss, train_set, wrap=False)
     model, recipe, device = training.student, stage.recipe, stage.device
     val_set = on_device(val_set, device)
     test_set = on_device(test_set, device) if test_set is not None else None
     result, start_epoch = _resume(stage, training) if stage.resume else (StageResult(), 0)
+    if start_epoch == 0:
+        run_init_phase(training)  # two-stage methods (AB, FSP, FT) first initialize (kdrun.engine.init_phase)
+    # DDP after the init phase: DDP hooks every parameter, and the phase's own steps must not reach them.
+    training.step = distributed.wrap(training.step, device)
     epochs_bar = tqdm(range(start_epoch, recipe.epochs), desc=stage.name, unit="epoch",
                       disable=not stage.progress, initial=start_epoch, total=recipe.epochs)
     for epoch in epochs_bar:
