@@ -1,4 +1,4 @@
-"""optim=dot (kdrun/engine/dot.py): DOT's update rule checked against the paper's formula (Zhao, Song & Qiu,
+"""optim=dot (kdrun/engine/dot.py): DOT's update rule checked against the paper's formula (Zhao, Cui, Song & Liang,
 "DOT: A Distillation-Oriented Trainer", ICCV 2023, Eq. 4-5) on a tiny float64 model over several steps; plain
 SGD when no distillation term exists; one-line errors where it cannot train; one CLI run with a feature method."""
 import pytest

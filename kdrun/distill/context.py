@@ -28,6 +28,9 @@ class StepContext:
     # on a strongly augmented view of the same images (kdrun/data/strong_view.py).
     student_logits_strong: Optional[torch.Tensor] = None
     teacher_logits_strong: Optional[torch.Tensor] = None
+    # Filled when the student has a distillation token (DeiT, kdrun/distill/deit.py): its second head's logits;
+    # student_logits is then the class head's.
+    student_distill_logits: Optional[torch.Tensor] = None
 
 
 @dataclass

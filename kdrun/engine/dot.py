@@ -1,4 +1,4 @@
-"""DOT, the distillation-oriented trainer (Zhao, Song & Qiu, ICCV 2023, arXiv:2308.13278): SGD with one
+"""DOT, the distillation-oriented trainer (Zhao, Cui, Song & Liang, ICCV 2023, arXiv:2307.08436): SGD with one
 momentum buffer for the task loss's gradients (the cross-entropy terms) and another for the distillation
 loss's gradients (every other term), the distillation one heavier:
 

@@ -215,6 +215,7 @@ def distill_forward(ctx: RunContext, model: nn.Module, teacher: Optional[nn.Modu
         log.info("teacher outputs: %s %s", "reusing" if outputs.reused else "cached", outputs.directory)
     forward = StepForward(model, teacher if loss.needs_teacher else None, pairing, outputs,
                           strong_view_for(loss, ctx.data))
+    distill_token_for(loss, model)
     return forward, loss
 
 
@@ -224,8 +225,17 @@ def stored_forward(ctx: RunContext, model: nn.Module, distill_cfg: dict) -> tupl
     from kdrun.stages.stored_teacher import stored_teacher
 
     loss = build_loss(distill_cfg, None)
+    distill_token_for(loss, model)
     outputs = stored_teacher(ctx.cfg, ctx.data, ctx.device).train
     return StepForward(model, None, None, outputs, strong_view_for(loss, ctx.data)), loss
+
+
+def distill_token_for(loss: DistillLoss, model: nn.Module) -> None:
+    """DeiT's term reads the student's distillation head: turn it on, or refuse a student without one."""
+    from kdrun.distill.deit import enable_distill_token, needs_distill_token
+
+    if needs_distill_token(loss):
+        enable_distill_token(model)
 
 
 def pair_features(ctx: RunContext, student: nn.Module, teacher: nn.Module, distill_cfg: dict) -> FeaturePairing:
