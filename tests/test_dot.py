@@ -122,7 +122,7 @@ def test_dot_refuses_what_it_cannot_train_in_one_line():
     model, (x, y, t) = student(), batches(1)[0]
     no_task = kd_loss(ce_weight=0.0)   # kd with alpha=1: the ce term is dropped
     _, parts = no_task(StepContext(model(x), y, torch.arange(10), t))
-    with pytest.raises(KdrunError, match=r"optim=dot needs a cross-entropy \(task\) term .* \(kd\)"):
+    with pytest.raises(KdrunError, match=r"optim=dot needs a cross-entropy \(task\) term .* \(terms: kd\): give it"):
         backward_and_step(no_task, parts, DistillationOrientedSGD(model.parameters(), LR), Speed())
     loss = kd_loss()
     _, parts = loss(StepContext(model(x), y, torch.arange(10), t))

@@ -100,8 +100,8 @@ def check_applies(loss: nn.Module, speed) -> None:
                          "run one process, or use optim=sgd")
     if len(loss.terms) > len(task_terms(loss)) and not task_terms(loss):
         raise KdrunError(f"optim=dot needs a cross-entropy (task) term beside the distillation terms, and this "
-                         f"method has none with a non-zero weight ({', '.join(loss.terms)}): add one, e.g. "
-                         "+distill.terms.ce='{type: ce, weight: 1}' (with kd: alpha < 1), or use optim=sgd")
+                         f"method has none with a weight > 0 (terms: {', '.join(loss.terms)}): give it a ce term "
+                         "with a weight > 0 (distill=kd: alpha < 1), or use optim=sgd")
 
 
 def backward_and_step(loss: nn.Module, parts: Mapping[str, torch.Tensor], optimizer: DistillationOrientedSGD,
