@@ -118,6 +118,9 @@ def test_deit_refuses_a_student_without_a_distillation_token_and_bad_options():
                                          r"\(VisionTransformer\) has none: use a timm \*_distilled_\* model") as raised:
         enable_distill_token(plain_vit)
     assert "\n" not in str(raised.value)
+    one_head = StepContext(CLS, LABELS, torch.arange(2), TEACHER)   # e.g. a paradigm that never turned the token on
+    with pytest.raises(KdrunError, match="distill=deit: the student returned one head, not its class and distillation"):
+        DeiTTerm()(one_head)
     with pytest.raises(KdrunError, match="distill.terms.deit.mode=medium must be hard or soft"):
         DeiTTerm(mode="medium")
     with pytest.raises(KdrunError, match="distill.terms.deit.T=0.0 must be > 0"):

@@ -60,8 +60,9 @@ class DeiTTerm(nn.Module):
     def forward(self, ctx: StepContext) -> torch.Tensor:
         student, teacher = ctx.student_distill_logits, ctx.teacher_logits.detach()
         if student is None:
-            raise KdrunError("distill=deit: the student returned one head; it needs a distillation token: use a "
-                             "timm *_distilled_* model, e.g. student.name=deit_tiny_distilled_patch16_224")
+            raise KdrunError("distill=deit: the student returned one head, not its class and distillation heads: "
+                             "train a timm *_distilled_* student (e.g. student.name=deit_tiny_distilled_patch16_224) "
+                             "with paradigm=offline and no feature terms")
         if self.mode == "hard":
             return F.cross_entropy(student, teacher.argmax(dim=1))
         T = self.T
