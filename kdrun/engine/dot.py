@@ -6,7 +6,8 @@ loss's gradients (every other term), the distillation one heavier:
     v_task <- mu_task * v_task + (g_task + wd * w),   v_kd <- mu_kd * v_kd + g_kd,   w <- w - lr * (v_task + v_kd)
 
 A parameter only one loss reaches (a feature adapter) keeps one buffer, with the plain momentum
-(mu_task + mu_kd) / 2 and the weight decay on that buffer's gradient. A buffer starts as its first gradient.
+(mu_task + mu_kd) / 2 and the weight decay on that buffer's gradient (a distillation-only one from its second
+step on, as in the authors' code). A buffer starts as its first gradient.
 The two gradients come from two backward passes over one forward (`backward_and_step`).
 """
 from __future__ import annotations

@@ -207,6 +207,7 @@ def distill_forward(ctx: RunContext, model: nn.Module, teacher: Optional[nn.Modu
         shapes = pairing.shapes((ctx.data.in_chans, *ctx.data.image_size), ctx.data.num_classes,
                                 len(ctx.data.train))
     loss = build_loss(distill_cfg, shapes)
+    distill_token_for(loss, model)
     outputs = None
     if cached_teacher and ctx.cfg.teacher.cache and loss.needs_teacher:
         from kdrun.engine.teacher_cache import teacher_outputs_for_run
@@ -215,7 +216,6 @@ def distill_forward(ctx: RunContext, model: nn.Module, teacher: Optional[nn.Modu
         log.info("teacher outputs: %s %s", "reusing" if outputs.reused else "cached", outputs.directory)
     forward = StepForward(model, teacher if loss.needs_teacher else None, pairing, outputs,
                           strong_view_for(loss, ctx.data))
-    distill_token_for(loss, model)
     return forward, loss
 
 
