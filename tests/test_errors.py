@@ -136,6 +136,8 @@ LIGHT = {
                                     "paradigm=online needs teacher models"),
     "teacher outputs and checkpoint": (["teacher.outputs={inputs}/outputs_logits.npz", *LOADED_TEACHER],
                                        "so teacher.checkpoint has nothing to act on"),
+    "dot momenta out of range": (["optim=dot", "optim.delta=0.2"], "optim.momentum=0.9 and optim.delta=0.2 must give "
+                                                                   "momentum - delta >= 0 and momentum + delta < 1"),
 }
 
 HEAVY = {
@@ -237,6 +239,11 @@ HEAVY = {
     "stored labels with a soft-target method": (stored("label"), "holds the teacher's labels only (kind label), but "
                                                                  "distill=kd (term kd) needs its probabilities: pass "
                                                                  "distill=hard"),
+    "dot without a task term": (["optim=dot", "alpha=1"], "optim=dot needs a cross-entropy (task) term beside the "
+                                                          "distillation terms"),
+    "deit without a distillation token": (["distill=deit"], "distill=deit needs a student with a distillation token "
+                                                            "and this one (CifarResNet) has none: use a timm "
+                                                            "*_distilled_* model"),
 }
 
 # Runs into a directory that already holds work: the error must leave it as it was (metrics.json aside).

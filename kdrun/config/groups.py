@@ -135,6 +135,14 @@ class SGDConfig(OptimConfig):
 
 
 @dataclass
+class DOTConfig(OptimConfig):
+    """Distillation-oriented trainer (kdrun/engine/dot.py): task momentum - delta, distillation momentum + delta."""
+    momentum: float = 0.9
+    delta: float = 0.075
+    weight_decay: float = 5.0e-4
+
+
+@dataclass
 class AdamWConfig(OptimConfig):
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.05
@@ -196,7 +204,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"embedded": EmbeddedDataset, "torchvision": TorchvisionDataset, "imagefolder": ImageFolderDataset,
                 "synthetic": SyntheticDataset},
     "distill": {"method": DistillMethod, "logit_standardized": LogitStandardizedMethod},
-    "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
+    "optim": {"sgd": SGDConfig, "adamw": AdamWConfig, "dot": DOTConfig},
     "sched": {"plain": SchedConfig, "multistep": MultiStepSchedConfig},
     "quantize": {"plain": QuantizeConfig},
     "paradigm": {"plain": ParadigmConfig, "online": OnlineParadigm, "self": SelfParadigm,

@@ -99,6 +99,11 @@ def check_optimizer(optim: DictConfig) -> None:
         _require(0 <= momentum < 1, f"optim.momentum={momentum} must be within [0, 1), e.g. optim.momentum=0.9")
         _require(not (optim.get("nesterov", False) and momentum == 0),
                  "optim.nesterov=true needs optim.momentum > 0: pass optim.momentum=0.9 or optim.nesterov=false")
+    if name == "dot":  # kdrun/engine/dot.py: the task and distillation momenta must both be momenta
+        momentum, delta = optim.get("momentum", 0.9), optim.get("delta", 0.075)
+        _require(delta >= 0 and 0 <= momentum - delta and momentum + delta < 1,
+                 f"optim.momentum={momentum} and optim.delta={delta} must give momentum - delta >= 0 and "
+                 "momentum + delta < 1 (delta >= 0), e.g. optim.momentum=0.9 optim.delta=0.075")
     if name == "adamw" and optim.get("betas") is not None:
         betas = list(optim.betas)
         _require(len(betas) == 2 and all(0 <= b < 1 for b in betas),

@@ -36,6 +36,9 @@ class StepContext:
     teacher_map: Optional[torch.Tensor] = None
     student_head: Optional[Any] = None      # kdrun.models.head.HeadSplit
     teacher_head: Optional[Any] = None
+    # Filled when the student has a distillation token (DeiT, kdrun/distill/deit.py): its second head's logits;
+    # student_logits is then the class head's.
+    student_distill_logits: Optional[torch.Tensor] = None
 
 
 @dataclass

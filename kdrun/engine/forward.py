@@ -112,8 +112,11 @@ class StepForward:
             student_logits = ensemble_logits([p.detach() for p in peers])  # what train_top1 counts
         else:
             student_logits = self.student(images)
+        distill_logits = None
+        if isinstance(student_logits, tuple):  # a distillation token's two heads: (class, distillation)
+            student_logits, distill_logits = student_logits
         return StepContext(student_logits, labels, indices, teacher_logits, epoch, peer_logits=peers,
-                           teacher_group_logits=teacher_group)
+                           teacher_group_logits=teacher_group, student_distill_logits=distill_logits)
 
     def _with_features(self, images, labels, indices, epoch) -> StepContext:
         pairing = self.features

@@ -27,9 +27,14 @@ def _optimizer(name: str, params: list[torch.nn.Parameter], cfg: Mapping[str, An
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))),
                                  weight_decay=cfg.get("weight_decay", 0.01))
+    if name == "dot":
+        from kdrun.engine.dot import DistillationOrientedSGD
+
+        return DistillationOrientedSGD(params, lr=lr, momentum=cfg.get("momentum", 0.9), delta=cfg.get("delta", 0.075),
+                                       weight_decay=cfg.get("weight_decay", 0.0))
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=cfg.get("weight_decay", 0.0))
-    raise KdrunError(f"unknown optimizer '{name}': use optim=sgd or optim=adamw")
+    raise KdrunError(f"unknown optimizer '{name}': use optim=sgd, optim=adamw or optim=dot")
 
 
 def lr_factor(cfg: Mapping[str, Any], step: int, steps_per_epoch: int, epochs: int) -> float:

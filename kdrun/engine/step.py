@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from kdrun.distill import DistillLoss
 from kdrun.engine import distributed
 from kdrun.engine.divergence import LossWatch, Where
+from kdrun.engine.dot import optimizer_step
 from kdrun.engine.forward import StepForward
 from kdrun.engine.loaders import Batches
 from kdrun.engine.speed import Speed
@@ -71,7 +72,7 @@ def train_epoch(training: Training, epoch: int) -> dict:
                                         leave=False, disable=not stage.progress, unit="batch"):
         with speed.autocast():
             total, parts, student_logits = training.step(images, labels, indices, epoch)  # forward + loss
-        speed.backward_and_step(total, optimizer)                                          # backward + step
+        optimizer_step(speed, optimizer, total, training.loss, parts)                      # backward + step
         lrs.append(optimizer.param_groups[0]["lr"])
         training.scheduler.step()
         watch.add(torch.stack([total.detach(), *(v.detach() for v in parts.values())]), lrs[-1])

@@ -30,6 +30,7 @@ from torch.utils.data import default_collate
 
 from kdrun.data import DataBundle, InMemoryDataset
 from kdrun.engine import distributed
+from kdrun.engine.dot import optimizer_step
 from kdrun.engine.loaders import Batches, check_batch_fits
 from kdrun.engine.optim import build_optimizer, build_scheduler
 from kdrun.engine.speed import Speed
@@ -101,7 +102,7 @@ def take_step(ctx: RunContext, step: Step, batch: Batch, speed: Speed, steps_per
             total, parts = loss(outputs)
         check_finite_loss(step, total, parts)
         phase = "train"
-        speed.backward_and_step(total, optimizer)
+        optimizer_step(speed, optimizer, total, loss, parts)
         scheduler.step()
         phase = "eval"
         frozen_forward(trainable, speed, images)  # as evaluation runs it: eval mode, no gradients

@@ -212,6 +212,7 @@ def distill_forward(ctx: RunContext, model: nn.Module, teacher: Optional[nn.Modu
     if needs_head(distill_cfg):
         heads, shapes = head_pairing(ctx, model, teacher, distill_cfg, pairing)
     loss = build_loss(distill_cfg, shapes)
+    distill_token_for(loss, model)
     outputs = None
     if cached_teacher and ctx.cfg.teacher.cache and loss.needs_teacher and heads is None:
         from kdrun.engine.teacher_cache import teacher_outputs_for_run
@@ -231,8 +232,17 @@ def stored_forward(ctx: RunContext, model: nn.Module, distill_cfg: dict) -> tupl
     from kdrun.stages.stored_teacher import stored_teacher
 
     loss = build_loss(distill_cfg, None)
+    distill_token_for(loss, model)
     outputs = stored_teacher(ctx.cfg, ctx.data, ctx.device).train
     return StepForward(model, None, None, outputs, strong_view_for(loss, ctx.data)), loss
+
+
+def distill_token_for(loss: DistillLoss, model: nn.Module) -> None:
+    """DeiT's term reads the student's distillation head: turn it on, or refuse a student without one."""
+    from kdrun.distill.deit import enable_distill_token, needs_distill_token
+
+    if needs_distill_token(loss):
+        enable_distill_token(model)
 
 
 def pair_features(ctx: RunContext, student: nn.Module, teacher: nn.Module, distill_cfg: dict) -> FeaturePairing:
