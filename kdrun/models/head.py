@@ -22,7 +22,7 @@ identities above on a dummy batch and refuses a model whose head is not "pool, t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, fx, nn
