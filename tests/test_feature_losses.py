@@ -254,7 +254,7 @@ def test_reviewkd_warmup():
 # --- every term, and the method configs ----------------------------------------------------------------
 
 def test_terms_declare_their_needs():
-    assert set(FEATURE_TERMS) == {"fitnets", "at", "nst", "vid", "reviewkd"}
+    assert {"fitnets", "at", "nst", "vid", "reviewkd"} <= set(FEATURE_TERMS)  # and the newer ones of their own files
     for cls in FEATURE_TERMS.values():
         assert cls.needs_teacher and cls.needs_features
 

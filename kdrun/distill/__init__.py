@@ -74,6 +74,12 @@ def needs_features(distill_cfg: Mapping[str, Any]) -> bool:
     return any(getattr(cls, "needs_features", False) for _, cls, _, weight in _term_specs(distill_cfg) if weight)
 
 
+def needs_teacher_classifier(distill_cfg: Mapping[str, Any]) -> bool:
+    """Whether any weighted term passes features through the teacher's classifier (SRD)."""
+    return any(getattr(cls, "needs_teacher_classifier", False)
+               for _, cls, _, weight in _term_specs(distill_cfg) if weight)
+
+
 def build_loss(distill_cfg: Mapping[str, Any], shapes: Optional[FeatureShapes] = None) -> DistillLoss:
     """The weighted terms of a method config; terms with learnable parts are built for `shapes`."""
     terms, weights = {}, {}
@@ -107,4 +113,4 @@ def _load_term_modules() -> None:
 _load_term_modules()
 
 __all__ = ["DistillLoss", "FeatureShapes", "StepContext", "TERMS", "TERM_TYPES", "build_loss", "check_terms",
-           "hard_label_loss", "needs_features", "needs_strong_view"]
+           "hard_label_loss", "needs_features", "needs_strong_view", "needs_teacher_classifier"]

@@ -24,6 +24,7 @@ class FeaturePairing:
     teacher: nn.Module
     student_index: list[int]
     teacher_index: list[int]
+    teacher_classifier: Optional[nn.Module] = None   # kdrun.models.features_classifier, for terms that ask
 
     def shapes(self, input_shape: tuple[int, int, int], num_classes: int, num_samples: int) -> FeatureShapes:
         """Measure the matched maps with one dummy batch (before the optimizer exists)."""
@@ -124,4 +125,4 @@ class StepForward:
             logits, labels, indices, t_logits, epoch,
             student_features=[s_maps[i] for i in pairing.student_index],
             teacher_features=t_matched,
-            student_embedding=s_emb, teacher_embedding=t_emb)
+            student_embedding=s_emb, teacher_embedding=t_emb, teacher_classifier=pairing.teacher_classifier)

@@ -17,7 +17,7 @@ from torch import nn
 from kdrun.data.bundle import validation_set
 from kdrun.data.options import cache_key_options
 from kdrun.data.strong_view import strong_view_for
-from kdrun.distill import DistillLoss, build_loss, hard_label_loss, needs_features
+from kdrun.distill import DistillLoss, build_loss, hard_label_loss, needs_features, needs_teacher_classifier
 from kdrun.engine import distributed
 from kdrun.engine.cache import MODEL, CacheEntry, file_sha256, stage_key
 from kdrun.engine.checkpoint import load_model_weights, save_model
@@ -247,4 +247,12 @@ def pair_features(ctx: RunContext, student: nn.Module, teacher: nn.Module, disti
         pairs = list(range(len(student_layers))), list(range(len(teacher_layers)))
     else:
         pairs = match_stages(student_taps, teacher_taps)
-    return FeaturePairing(student_taps, teacher_taps, *pairs)
+    return FeaturePairing(student_taps, teacher_taps, *pairs, teacher_classifier_for(teacher_taps, distill_cfg,
+                                                                                    input_shape))
+
+
+def teacher_classifier_for(teacher_taps, distill_cfg: dict, input_shape: tuple[int, int, int]) -> Optional[nn.Module]:
+    """The teacher's classifier layer where a term reuses it (SRD), else None."""
+    from kdrun.models.features_classifier import tapped_classifier
+
+    return tapped_classifier(teacher_taps, input_shape) if needs_teacher_classifier(distill_cfg) else None
