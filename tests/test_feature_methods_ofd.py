@@ -7,6 +7,7 @@ from torch import nn
 
 from kdrun.distill import FeatureShapes, StepContext, build_loss, needs_teacher_classifier
 from kdrun.distill.ickd import ICKDTerm
+from kdrun.distill.ofd import OFDTerm, gaussian_margin, partial_l2
 from kdrun.distill.srd import SRDTerm
 from kdrun.errors import KdrunError
 
@@ -41,6 +42,124 @@ def conv1x1_by_hand(x, weight):
         for c in range(weight.shape[1]):
             out[:, o] += weight[o, c, 0, 0] * x[:, c]
     return out
+
+
+# --- OFD (Heo et al., ICCV 2019) ----------------------------------------------------------------------
+
+def margin_by_integration(mean, std, steps=200000):
+    """E[x | x < 0] for x ~ N(mean, std^2), by the midpoint rule over [mean - 12 std, 0]."""
+    low = mean - 12 * std
+    width = -low / steps
+    num = den = 0.0
+    for k in range(steps):
+        x = low + (k + 0.5) * width
+        density = math.exp(-((x - mean) / std) ** 2 / 2)
+        num, den = num + x * density, den + density
+    return num / den
+
+
+def test_the_margin_is_the_mean_of_the_negative_part_of_the_bn_gaussian():
+    cases = [(0.0, 1.0), (1.0, 2.0), (-0.5, 0.3), (2.0, -1.0)]   # a negative BN weight counts as its magnitude
+    got = gaussian_margin(torch.tensor([m for m, _ in cases], dtype=DTYPE), torch.tensor([s for _, s in cases],
+                                                                                         dtype=DTYPE))
+    for value, (mean, std) in zip(got.tolist(), cases):
+        assert value == pytest.approx(margin_by_integration(mean, abs(std)), rel=1e-6)
+    assert got[0].item() == pytest.approx(-math.sqrt(2 / math.pi), rel=1e-12)   # half-normal: -sigma sqrt(2/pi)
+    # Almost no negative responses (P(x < 0) <= 0.001): -3 std, as the authors' code.
+    assert gaussian_margin(torch.tensor([4.0], dtype=DTYPE), torch.tensor([1.0], dtype=DTYPE)).item() == -3.0
+
+
+def partial_l2_by_hand(student, teacher, margin):
+    """sum over elements: 0 if s <= t' <= 0, else (s - t')^2, with t' = max(t, m) (m per channel)."""
+    total = 0.0
+    b, c, h, w = student.shape
+    for n in range(b):
+        for i in range(c):
+            for y in range(h):
+                for x in range(w):
+                    s, t = float(student[n, i, y, x]), max(float(teacher[n, i, y, x]), float(margin[i]))
+                    total += 0.0 if s <= t <= 0 else (s - t) ** 2
+    return total
+
+
+def test_partial_l2_skips_students_below_a_negative_teacher_target():
+    student = torch.tensor([[[[-2.0, -0.5, 1.0, 0.5]], [[-3.0, 0.2, -1.0, 2.0]]]], dtype=DTYPE)
+    teacher = torch.tensor([[[[-1.0, -1.0, -2.0, 1.5]], [[-0.1, -4.0, 0.0, 1.0]]]], dtype=DTYPE)
+    margin = torch.tensor([-0.8, -0.5], dtype=DTYPE)
+    # by hand: channel 0 targets (-0.8, -0.8, -0.8, 1.5): 0 + 0.09 + 3.24 + 1; channel 1 (-0.1, -0.5, 0, 1): 0 + 0.49 + 0 + 1
+    assert partial_l2(student, teacher, margin.view(1, -1, 1, 1)).item() == pytest.approx(5.82, abs=1e-12)
+    assert partial_l2_by_hand(student, teacher, margin) == pytest.approx(5.82, abs=1e-12)
+
+
+OFD_SHAPES = FeatureShapes([4, 6], [5, 8], [(4, 4), (2, 2)], [(4, 4), (2, 2)],
+                           teacher_bn=[(torch.tensor([0.5, -1.0, 0.0, 2.0, 4.0]), torch.tensor([1.0, 2.0, 0.5, -1.0, 1.0])),
+                                       (torch.linspace(-1, 1, 8), torch.linspace(0.5, 2, 8))])
+
+
+def test_ofd_weighs_the_stages_and_reads_the_margins_off_the_teacher_bn():
+    term = OFDTerm(OFD_SHAPES).to(DTYPE)
+    student = [maps(3, 4, (4, 4), 0).requires_grad_(), maps(3, 6, (2, 2), 1).requires_grad_()]
+    teacher = [maps(3, 5, (4, 4), 2) * 2, maps(3, 8, (2, 2), 3) * 2]
+    value = term(context(student, teacher))
+    expected = 0.0
+    for i, weight in enumerate((0.5, 1.0)):   # the shallower stage half the deeper one
+        conv, bn = term.connectors[i]
+        adapted = batchnorm_by_hand(conv1x1_by_hand(student[i], conv.weight), bn.weight, bn.bias).detach()
+        mean, std = OFD_SHAPES.teacher_bn[i]
+        margin = [margin_by_integration(m, abs(s), 20000) if 0.5 * math.erfc(m / abs(s) / math.sqrt(2)) > 0.001
+                  else -3 * abs(s) for m, s in zip(mean.tolist(), std.tolist())]
+        expected += weight * partial_l2_by_hand(adapted, teacher[i], margin) / 3
+    assert value.item() == pytest.approx(expected, rel=1e-5)   # the margins by numerical integration
+    value.backward()
+    assert all(s.grad.abs().sum() > 0 for s in student)
+
+
+def test_ofd_is_zero_when_the_adapted_student_copies_the_teacher():
+    shapes = FeatureShapes([5], [5], [(4, 4)], [(4, 4)], teacher_bn=[OFD_SHAPES.teacher_bn[0]])
+    term = OFDTerm(shapes).to(DTYPE).eval()
+    with torch.no_grad():
+        term.connectors[0][0].weight.copy_(torch.eye(5, dtype=DTYPE)[..., None, None])
+        term.connectors[0][1].running_var.fill_(1 - term.connectors[0][1].eps)   # BN: the identity
+    teacher = maps(2, 5, (4, 4), 4)
+    assert term(context([teacher.clone()], [teacher])).item() == 0.0
+    below = torch.minimum(teacher, term.margin0) - 1   # under the negative targets: not penalized
+    assert term(context([below], [torch.minimum(teacher, term.margin0 - 0.1)])).item() == 0.0
+    assert term(context([teacher + 0.1], [teacher])).item() > 0
+
+
+def test_ofd_without_bn_takes_the_margin_from_the_teacher_map_and_pools_it_to_the_student():
+    term = OFDTerm(FeatureShapes([5], [5], [(2, 2)], [(4, 4)])).to(DTYPE)
+    student, teacher = maps(3, 5, (2, 2), 0), maps(3, 5, (4, 4), 1) + 0.3
+    value = term(context([student], [teacher]))
+    pooled = teacher.reshape(3, 5, 2, 2, 2, 2).mean(dim=(3, 5))
+    margin = [margin_by_integration(float(pooled[:, i].mean()), float(pooled[:, i].std(unbiased=False)), 20000)
+              for i in range(5)]
+    conv, bn = term.connectors[0]
+    adapted = batchnorm_by_hand(conv1x1_by_hand(student, conv.weight), bn.weight, bn.bias).detach()
+    assert value.item() == pytest.approx(partial_l2_by_hand(adapted, pooled, margin) / 3, rel=1e-5)
+
+
+def test_cifar_resnet_and_wrn_taps_give_pre_relu_maps_and_their_bn():
+    from kdrun.engine.forward import FeaturePairing
+    from kdrun.models.factory import create_model
+    from kdrun.models.features import build_feature_taps
+
+    resnet = create_model("resnet8", num_classes=5, in_chans=3).eval()
+    pre = build_feature_taps(resnet, "resnet8", (3, 16, 16), role="teacher", pre_relu=True)
+    post = build_feature_taps(resnet, "resnet8", (3, 16, 16), role="teacher")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        (logits, pre_maps, _), (logits2, post_maps, _) = pre(x), post(x)
+    assert pre.pre_relu and not post.pre_relu and post.bn_before_relu() is None
+    assert torch.equal(logits, logits2) and all(m.min() < 0 for m in pre_maps)
+    assert all(torch.equal(a.relu(), b) for a, b in zip(pre_maps, post_maps))
+    assert pre.bn_before_relu()[-1] is resnet.stages[-1][-1].body[1][1]
+    wrn = create_model("wrn_16_1", num_classes=5, in_chans=3)
+    wrn_taps = build_feature_taps(wrn, "wrn_16_1", (3, 16, 16), role="student", pre_relu=True)
+    assert wrn_taps.bn_before_relu()[-1] is wrn.head[0] and wrn_taps.bn_before_relu()[1] is wrn.stages[1][0].bn1
+    shapes = FeaturePairing(wrn_taps, pre, [2, 3], [2, 3]).shapes((3, 16, 16), 5, 10)
+    bias, weight = shapes.teacher_bn[1]
+    assert torch.equal(bias, resnet.stages[-1][-1].body[1][1].bias) and torch.equal(weight, resnet.stages[-1][-1].body[1][1].weight)
 
 
 # --- ICKD (Liu et al., ICCV 2021) ---------------------------------------------------------------------

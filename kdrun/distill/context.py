@@ -48,3 +48,6 @@ class FeatureShapes:
     teacher_dim: int = 0
     num_classes: int = 0
     num_samples: int = 0                    # training-set size (CRD's memory bank)
+    # Per matched teacher map: (bias, weight) of the BatchNorm that feeds its ReLU, where the maps are
+    # pre-ReLU (kdrun.models.cifar_preact), else None. OFD's margins are read off them.
+    teacher_bn: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)

@@ -38,7 +38,10 @@ class FeaturePairing:
         self.student.train(student_was_training)
         s_maps = [s_maps[i] for i in self.student_index]
         t_maps = [t_maps[i] for i in self.teacher_index]
-        return FeatureShapes(
+        bns = self.teacher.bn_before_relu()
+        teacher_bn = [None if bns is None else (bns[i].bias.detach().clone(), bns[i].weight.detach().clone())
+                      for i in self.teacher_index]
+        return FeatureShapes(teacher_bn=teacher_bn,
             student_channels=[m.shape[1] for m in s_maps], teacher_channels=[m.shape[1] for m in t_maps],
             student_sizes=[tuple(m.shape[2:]) for m in s_maps], teacher_sizes=[tuple(m.shape[2:]) for m in t_maps],
             student_dim=s_emb.shape[1], teacher_dim=t_emb.shape[1], num_classes=num_classes, num_samples=num_samples)

@@ -52,6 +52,12 @@ class FeatureTaps(nn.Module):
         self.channels: list[int] = []
         self.embedding_dim = 0
 
+    pre_relu = False  # whether the maps are taken before the activation (CifarTaps can, for OFD)
+
+    def bn_before_relu(self) -> list[nn.BatchNorm2d] | None:
+        """The BatchNorm feeding each map's ReLU where the maps are pre-ReLU, else None."""
+        return None
+
     def forward(self, x: Tensor) -> TapOutput:
         logits, maps, embedding = self._tap(x)
         return TapOutput(logits, maps, embedding)
