@@ -63,3 +63,8 @@ def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
     """1x1 convolution + BatchNorm: the learnable map from student to teacher channels."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
                          nn.BatchNorm2d(out_channels))
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 (autocast) as float32, for sums that would overflow or lose precision; wider as is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
-from kdrun.distill.feature_common import check_pairs, conv_bn, feature_pairs
+from kdrun.distill.feature_common import at_least_float32, check_pairs, conv_bn, feature_pairs
 from kdrun.distill.registry import TERMS
 from kdrun.errors import KdrunError
 
 
 def channel_correlation(features: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, C): G = F F^T over the flattened spatial positions, each row L2-normalized."""
-    flat = features.flatten(2)
+    flat = at_least_float32(features.flatten(2))  # float16 Gram sums (autocast) can overflow
     return F.normalize(torch.bmm(flat, flat.transpose(1, 2)), dim=2)
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.distill.context import FeatureShapes, StepContext
-from kdrun.distill.feature_common import check_pairs, feature_pairs
+from kdrun.distill.feature_common import at_least_float32, check_pairs, feature_pairs
 from kdrun.distill.registry import TERMS
 
 
@@ -89,7 +89,8 @@ class OFDTerm(nn.Module):
         pairs = feature_pairs(ctx)
         total = 0.0
         for i, (student, teacher) in enumerate(pairs):
-            student = self.connectors[i](student)
+            # Sums of squares overflow float16 under autocast.
+            student, teacher = at_least_float32(self.connectors[i](student)), at_least_float32(teacher)
             if teacher.shape[-2:] != student.shape[-2:]:
                 teacher = F.adaptive_avg_pool2d(teacher, student.shape[-2:])
             stage = partial_l2(student, teacher, self.margin(i, teacher)) / student.shape[0]
