@@ -39,7 +39,8 @@ class SRDTerm(nn.Module):
 
     `adapt: map` (default, the authors' code): r acts on the deepest matched student map, before pooling; the
     teacher's embedding must then be the global average of its deepest matched map (true of ResNets; a
-    one-line error says otherwise). `adapt: embedding`: r acts on the pooled embeddings (B, D, as 1x1 maps),
+    one-line error says otherwise: kdrun's WRNs apply their head's BN-ReLU after the tapped stage, where the
+    authors' WRN hands SRD the map after it, so a WRN teacher takes `adapt: embedding`). `adapt: embedding`: r acts on the pooled embeddings (B, D, as 1x1 maps),
     as in SimKD's re-implementation (SRRL in Chen et al., CVPR 2022), for teachers whose head does more
     than pool (a WRN's BN-ReLU, MobileNetV3's conv head).
     """
