@@ -328,3 +328,24 @@ def test_a_teacher_without_a_separable_classifier_is_one_line():
     with pytest.raises(KdrunError, match=r"teacher 'scaled' has no classifier layer that maps its embedding to its "
                                          r"logits"):
         tapped_classifier(taps, (3, 8, 8))
+
+
+def test_a_step_hands_the_teacher_classifier_to_the_terms():
+    from kdrun.engine.forward import FeaturePairing, StepForward
+    from kdrun.models.factory import create_model
+    from kdrun.models.features import build_feature_taps
+    from kdrun.models.features_classifier import tapped_classifier
+
+    taps = [build_feature_taps(create_model(name, num_classes=5, in_chans=3), name, (3, 16, 16), role=role)
+            for name, role in (("resnet8", "student"), ("resnet14", "teacher"))]
+    head = tapped_classifier(taps[1], (3, 16, 16))
+    taps[1].model.eval().requires_grad_(False)   # as StepForward.prepare_teacher leaves it
+    pairing = FeaturePairing(taps[0], taps[1], [1, 2, 3], [1, 2, 3], head)
+    term = SRDTerm(pairing.shapes((3, 16, 16), 5, 8))
+    ctx = StepForward(taps[0].model, taps[1].model, pairing)(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long),
+                                                             torch.arange(4), 0)
+    assert ctx.teacher_classifier is head is taps[1].model.head[-1]
+    value = term(ctx)
+    value.backward()
+    assert torch.isfinite(value) and head.weight.grad is None
+    assert all(p.grad is not None for p in term.connector.parameters())
