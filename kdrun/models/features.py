@@ -46,8 +46,10 @@ class CifarTaps(FeatureTaps):
             self.names = [f"{name} (pre-ReLU)" for name in self.names]
 
     def _tap(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
-        forward = forward_pre_relu if self.pre_relu else type(self.model).forward_with_features
-        logits, maps, embedding = forward(self.model, x)
+        if self.pre_relu:
+            logits, maps, embedding = forward_pre_relu(self.model, x)
+        else:
+            logits, maps, embedding = self.model.forward_with_features(x)
         return logits, [maps[i] for i in self._indices], embedding
 
     def bn_before_relu(self) -> list[nn.BatchNorm2d] | None:
