@@ -254,7 +254,8 @@ def test_reviewkd_warmup():
 # --- every term, and the method configs ----------------------------------------------------------------
 
 def test_terms_declare_their_needs():
-    assert set(FEATURE_TERMS) == {"fitnets", "at", "nst", "vid", "reviewkd", "fsp", "ab", "ft", "kdsvd"}
+    assert set(FEATURE_TERMS) == {"fitnets", "at", "nst", "vid", "reviewkd", "fsp", "ab", "ft", "kdsvd", "ofd", "ickd",
+                                  "srd"}
     for cls in FEATURE_TERMS.values():
         assert cls.needs_teacher and cls.needs_features
 

@@ -106,9 +106,23 @@ def needs_strong_view(distill_cfg: Mapping[str, Any]) -> bool:
                for _, cls, options, weight in _term_specs(distill_cfg))
 
 
+def _any_term(distill_cfg: Mapping[str, Any], flag: str) -> bool:
+    return any(getattr(cls, flag, False) for _, cls, _, weight in _term_specs(distill_cfg) if weight)
+
+
 def needs_features(distill_cfg: Mapping[str, Any]) -> bool:
     """Whether any weighted term reads intermediate features (decided before building models' taps)."""
-    return any(getattr(cls, "needs_features", False) for _, cls, _, weight in _term_specs(distill_cfg) if weight)
+    return _any_term(distill_cfg, "needs_features")
+
+
+def needs_teacher_classifier(distill_cfg: Mapping[str, Any]) -> bool:
+    """Whether any weighted term passes features through the teacher's classifier (SRD)."""
+    return _any_term(distill_cfg, "needs_teacher_classifier")
+
+
+def wants_pre_relu(distill_cfg: Mapping[str, Any]) -> bool:
+    """Whether any weighted term distills the maps before the activation, where models offer them (OFD)."""
+    return _any_term(distill_cfg, "wants_pre_relu")
 
 
 def needs_head(distill_cfg: Mapping[str, Any]) -> bool:
@@ -149,4 +163,5 @@ def _load_term_modules() -> None:
 _load_term_modules()
 
 __all__ = ["DistillLoss", "FeatureShapes", "StepContext", "TERMS", "TERM_TYPES", "build_loss", "check_terms",
-           "hard_label_loss", "needs_features", "needs_head", "needs_strong_view"]
+           "hard_label_loss", "needs_features", "needs_head", "needs_strong_view", "needs_teacher_classifier",
+           "wants_pre_relu"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,6 +21,9 @@ class StepContext:
     # Pooled penultimate features (B, D): what relation methods (RKD, PKT, CC, CRD) compare.
     student_embedding: Optional[torch.Tensor] = None
     teacher_embedding: Optional[torch.Tensor] = None
+    # Filled with features when a term sets needs_teacher_classifier (SRD): the frozen teacher's layer that
+    # maps its embedding to its logits, for the term to apply to student features (gradients flow through).
+    teacher_classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     # Filled when the student or the teacher is a kdrun.engine.group.ModelGroup, one (B, K) tensor per member:
     peer_logits: Optional[list[torch.Tensor]] = None            # student peers, with gradients (online)
     teacher_group_logits: Optional[list[torch.Tensor]] = None   # teachers, no gradients (multi-teacher)
@@ -56,3 +59,6 @@ class FeatureShapes:
     teacher_dim: int = 0
     num_classes: int = 0
     num_samples: int = 0                    # training-set size (CRD's memory bank)
+    # Per matched teacher map: (bias, weight) of the BatchNorm that feeds its ReLU, where the maps are
+    # pre-ReLU (kdrun.models.cifar_preact), else None. OFD's margins are read off them.
+    teacher_bn: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)

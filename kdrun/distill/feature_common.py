@@ -89,3 +89,8 @@ def check_init_phase(method: str, init_epochs: int, joint: bool) -> int:
 def zero_loss(ctx: StepContext) -> torch.Tensor:
     """The value of a term that does not take part in the main training (logged as 0)."""
     return ctx.student_logits.new_zeros(())
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 (autocast) as float32, for sums that would overflow or lose precision; wider as is."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -24,6 +24,7 @@ class FeaturePairing:
     teacher: nn.Module
     student_index: list[int]
     teacher_index: list[int]
+    teacher_classifier: Optional[nn.Module] = None   # kdrun.models.features_classifier, for terms that ask
 
     def shapes(self, input_shape: tuple[int, int, int], num_classes: int, num_samples: int) -> FeatureShapes:
         """Measure the matched maps with one dummy batch (before the optimizer exists)."""
@@ -37,7 +38,10 @@ class FeaturePairing:
         self.student.train(student_was_training)
         s_maps = [s_maps[i] for i in self.student_index]
         t_maps = [t_maps[i] for i in self.teacher_index]
-        return FeatureShapes(
+        bns = self.teacher.bn_before_relu()
+        teacher_bn = [None if bns is None else (bns[i].bias.detach().clone(), bns[i].weight.detach().clone())
+                      for i in self.teacher_index]
+        return FeatureShapes(teacher_bn=teacher_bn,
             student_channels=[m.shape[1] for m in s_maps], teacher_channels=[m.shape[1] for m in t_maps],
             student_sizes=[tuple(m.shape[2:]) for m in s_maps], teacher_sizes=[tuple(m.shape[2:]) for m in t_maps],
             student_dim=s_emb.shape[1], teacher_dim=t_emb.shape[1], num_classes=num_classes, num_samples=num_samples)
@@ -131,4 +135,4 @@ class StepForward:
             logits, labels, indices, t_logits, epoch,
             student_features=[s_maps[i] for i in pairing.student_index],
             teacher_features=t_matched,
-            student_embedding=s_emb, teacher_embedding=t_emb)
+            student_embedding=s_emb, teacher_embedding=t_emb, teacher_classifier=pairing.teacher_classifier)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from kdrun.errors import KdrunError
 from kdrun.models.cifar_common import CifarNet
+from kdrun.models.cifar_preact import bn_before_relu, forward_pre_relu, has_pre_relu_maps
 from kdrun.models.features_common import FeatureTaps, TapOutput, pick_indices
 from kdrun.models.features_fx import build_fx_taps, fx_layer_names
 from kdrun.models.features_timm import (
@@ -36,13 +37,24 @@ __all__ = ["FeatureTaps", "TapOutput", "build_feature_taps", "list_feature_layer
 class CifarTaps(FeatureTaps):
     """kdrun's CIFAR nets compute logits, stem/stage maps and embedding in one method."""
 
-    def __init__(self, model: CifarNet, model_name: str, indices: list[int], names: Sequence[str], role: str) -> None:
+    def __init__(self, model: CifarNet, model_name: str, indices: list[int], names: Sequence[str], role: str,
+                 pre_relu: bool = False) -> None:
         super().__init__(model, model_name, names, role)
         self._indices = indices
+        self.pre_relu = pre_relu  # the maps before the activation (kdrun.models.cifar_preact), for OFD
+        if pre_relu:
+            self.names = [f"{name} (pre-ReLU)" for name in self.names]
 
     def _tap(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
-        logits, maps, embedding = self.model.forward_with_features(x)
+        if self.pre_relu:
+            logits, maps, embedding = forward_pre_relu(self.model, x)
+        else:
+            logits, maps, embedding = self.model.forward_with_features(x)
         return logits, [maps[i] for i in self._indices], embedding
+
+    def bn_before_relu(self) -> list[nn.BatchNorm2d] | None:
+        """The BatchNorm feeding each tapped map's ReLU, where the maps are pre-ReLU."""
+        return [bn_before_relu(self.model)[i] for i in self._indices] if self.pre_relu else None
 
 
 def _cifar_names(model: CifarNet) -> list[str]:
@@ -50,7 +62,8 @@ def _cifar_names(model: CifarNet) -> list[str]:
 
 
 def build_feature_taps(model: nn.Module, model_name: str, input_shape: tuple[int, int, int],
-                       layers: Sequence[str] | None = None, role: str = "student") -> FeatureTaps:
+                       layers: Sequence[str] | None = None, role: str = "student", pre_relu: bool = False
+                       ) -> FeatureTaps:
     """Wrap ``model`` so that one forward returns (logits, feature maps, embedding).
 
     Args:
@@ -64,6 +77,8 @@ def build_feature_taps(model: nn.Module, model_name: str, input_shape: tuple[int
             or their indices, torchvision graph node or module names, CIFAR ``stem``,
             ``stages.i`` or indices. The maps come shallow to deep whatever the given order.
         role: "student" or "teacher", for messages.
+        pre_relu: the maps before the activation where the model offers them (kdrun's CIFAR ResNets
+            and WRNs, see :mod:`kdrun.models.cifar_preact`); the taps' ``pre_relu`` says whether it does.
 
     Raises:
         KdrunError: a layer that does not exist (listing those that do), a layer that is not a
@@ -78,7 +93,8 @@ def build_feature_taps(model: nn.Module, model_name: str, input_shape: tuple[int
     if isinstance(model, CifarNet):
         names = _cifar_names(model)
         indices = list(range(len(names))) if layers is None else pick_indices(names, layers, model_name, role)
-        taps: FeatureTaps = CifarTaps(model, model_name, indices, [names[i] for i in indices], role)
+        taps: FeatureTaps = CifarTaps(model, model_name, indices, [names[i] for i in indices], role,
+                                      pre_relu and has_pre_relu_maps(model))
     elif has_forward_intermediates(model):
         indices, names = timm_indices(model, model_name, layers, role)
         taps = TimmTaps(model, model_name, indices, names, role)

@@ -42,6 +42,8 @@ class FeatureTaps(nn.Module):
         embedding_dim: width of the embedding.
     """
 
+    pre_relu = False  # whether the maps are taken before the activation (CifarTaps can, for OFD)
+
     def __init__(self, model: nn.Module, model_name: str, names: Sequence[str], role: str) -> None:
         super().__init__()
         self.model = model
@@ -51,6 +53,10 @@ class FeatureTaps(nn.Module):
         self.reductions: list[int] = []
         self.channels: list[int] = []
         self.embedding_dim = 0
+
+    def bn_before_relu(self) -> list[nn.BatchNorm2d] | None:
+        """The BatchNorm feeding each map's ReLU where the maps are pre-ReLU, else None."""
+        return None
 
     def forward(self, x: Tensor) -> TapOutput:
         logits, maps, embedding = self._tap(x)

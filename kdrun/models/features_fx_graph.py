@@ -86,6 +86,7 @@ class Plan:
     embedding: str             # node of the classifier's input (else of the last map, pooled)
     embedding_nhwc: bool
     logits: str
+    classifier: str | None = None  # module name of a Linear classifier fed by the embedding, else None
 
 
 def spatial(shape: tuple[int, ...] | None, hw: tuple[int, int]) -> bool | None:
@@ -250,4 +251,10 @@ def plan(traced: Traced, model_name: str, role: str, hw: tuple[int, int], layers
         embedding=traced.names[embedding],
         embedding_nhwc=bool(spatial(traced.shapes.get(embedding), hw)),
         logits=traced.names[output],
+        classifier=_linear_module(traced, classifier) if clf_input is not None else None,
     )
+
+
+def _linear_module(traced: Traced, node: fx.Node) -> str | None:
+    """The module name of a Linear classifier node (its input is the embedding), None for anything else."""
+    return str(node.target) if isinstance(traced.module(node), nn.Linear) else None

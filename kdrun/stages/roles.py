@@ -17,7 +17,8 @@ from torch import nn
 from kdrun.data.bundle import validation_set
 from kdrun.data.options import cache_key_options
 from kdrun.data.strong_view import strong_view_for
-from kdrun.distill import DistillLoss, build_loss, hard_label_loss, needs_features, needs_head
+from kdrun.distill import (DistillLoss, build_loss, hard_label_loss, needs_features, needs_head,
+                           needs_teacher_classifier, wants_pre_relu)
 from kdrun.engine import distributed
 from kdrun.engine.cache import MODEL, CacheEntry, file_sha256, stage_key
 from kdrun.engine.checkpoint import load_model_weights, save_model
@@ -255,8 +256,15 @@ def pair_features(ctx: RunContext, student: nn.Module, teacher: nn.Module, disti
 
     input_shape = (ctx.data.in_chans, *ctx.data.image_size)
     student_layers, teacher_layers = distill_cfg.get("student_layers"), distill_cfg.get("teacher_layers")
-    student_taps = build_feature_taps(student, ctx.cfg.student.name, input_shape, student_layers, role="student")
-    teacher_taps = build_feature_taps(teacher, ctx.cfg.teacher.name, input_shape, teacher_layers, role="teacher")
+    pre_relu = wants_pre_relu(distill_cfg)
+    student_taps = build_feature_taps(student, ctx.cfg.student.name, input_shape, student_layers, role="student",
+                                      pre_relu=pre_relu)
+    teacher_taps = build_feature_taps(teacher, ctx.cfg.teacher.name, input_shape, teacher_layers, role="teacher",
+                                      pre_relu=pre_relu)
+    for taps in (student_taps, teacher_taps) if pre_relu else ():
+        if not taps.pre_relu:
+            log.warning("%s %s: its feature maps are distilled as tapped, not before their activation (kdrun's "
+                        "CIFAR ResNets and WRNs offer pre-ReLU maps)", taps.role, taps.model_name)
     if student_layers and teacher_layers:
         if len(student_layers) != len(teacher_layers):
             raise KdrunError(f"distill.student_layers names {len(student_layers)} layers and distill.teacher_layers "
@@ -264,4 +272,12 @@ def pair_features(ctx: RunContext, student: nn.Module, teacher: nn.Module, disti
         pairs = list(range(len(student_layers))), list(range(len(teacher_layers)))
     else:
         pairs = match_stages(student_taps, teacher_taps)
-    return FeaturePairing(student_taps, teacher_taps, *pairs)
+    return FeaturePairing(student_taps, teacher_taps, *pairs, teacher_classifier_for(teacher_taps, distill_cfg,
+                                                                                    input_shape))
+
+
+def teacher_classifier_for(teacher_taps, distill_cfg: dict, input_shape: tuple[int, int, int]) -> Optional[nn.Module]:
+    """The teacher's classifier layer where a term reuses it (SRD), else None."""
+    from kdrun.models.features_classifier import tapped_classifier
+
+    return tapped_classifier(teacher_taps, input_shape) if needs_teacher_classifier(distill_cfg) else None
