@@ -12,6 +12,7 @@ The classifier keeps its outputs (the classes) and the stem its inputs (the imag
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -84,16 +85,21 @@ def prune_model(model: nn.Module, ratio: float, example: torch.Tensor, num_class
     modules = dict(model.named_modules())
     unknown = [name for name in ignored if name not in modules]
     if unknown:
+        layers = ", ".join(n for n, m in modules.items() if isinstance(m, PRUNED_TYPES))
         raise KdrunError(f"prune.ignored_layers names '{unknown[0]}', which {label} does not have; pass names of "
-                         f"its layers, e.g. {', '.join(n for n, m in modules.items() if isinstance(m, PRUNED_TYPES))[:120]}")
+                         f"its layers, e.g. {layers[:120]}")
     keep = [classifier_of(model, num_classes), *(modules[name] for name in ignored)]
     params_before, channels_before = _params(model), counted_channels(model, keep[:1])
     was_training = model.training
     model.eval()
     try:
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=IMPORTANCE[importance]),
-                                      pruning_ratio=ratio, ignored_layers=keep, global_pruning=False)
-        pruner.step()
+        with warnings.catch_warnings():   # "unwrapped parameters detected": check_runs tells if they break it
+            warnings.simplefilter("ignore")
+            norm = tp.importance.MagnitudeImportance(p=IMPORTANCE[importance])
+            # local pruning: every layer loses `ratio` of its channels, so the shapes never depend on the weights
+            pruner = tp.pruner.MetaPruner(model, example, importance=norm, pruning_ratio=ratio, ignored_layers=keep,
+                                          global_pruning=False)
+            pruner.step()
     except KdrunError:
         raise
     except Exception as error:   # tracing or pruning failed inside the library
@@ -106,38 +112,48 @@ def prune_model(model: nn.Module, ratio: float, example: torch.Tensor, num_class
 
 
 def check_runs(model: nn.Module, example: torch.Tensor, ratio: float, label: str) -> None:
-    """A forward and backward pass of the pruned model; a layer that fails is named in the error (a layer
-    Torch-Pruning does not know keeps its weights' old shapes while its neighbours shrink)."""
-    with _innermost_layer(model) as current:
+    """A forward and backward pass of the pruned model. A layer Torch-Pruning does not know keeps its weights'
+    old shapes while the layer feeding it shrinks: the error names both, and keeping the feeding one whole
+    (prune.ignored_layers) is the fix."""
+    with _tracked(model) as ran:
         try:
             model(example).sum().backward()
         except Exception as error:
-            name, layer = current[-1] if current else ("?", model)
+            name, layer = ran.stack[-1] if ran.stack else ("?", model)
+            feeding = ran.last_pruned or name
             raise KdrunError(f"prune.ratio={ratio}: {label} no longer runs once pruned: layer '{name}' "
                              f"({type(layer).__name__}) fails ({_first_line(error)}), a layer Torch-Pruning cannot "
-                             f"prune; keep it whole with prune.ignored_layers=[{name}] or prune another model") from error
+                             f"prune; keep the layer feeding it whole with prune.ignored_layers=[{feeding}], or "
+                             "prune another model") from error
     model.zero_grad(set_to_none=True)
 
 
+@dataclass
+class _Ran:
+    stack: list          # (name, module) of the layers running now, innermost last
+    last_pruned: str = ""   # the last convolution or linear layer that finished
+
+
 @contextlib.contextmanager
-def _innermost_layer(model: nn.Module) -> Iterator[list]:
-    """A list whose last item is the (name, module) of the innermost layer running now."""
-    stack: list = []
+def _tracked(model: nn.Module) -> Iterator[_Ran]:
+    ran = _Ran([])
 
     def entered(name: str):
         def hook(module, args) -> None:
-            stack.append((name, module))
+            ran.stack.append((name, module))
         return hook
 
     def left(module, args, output) -> None:   # returns None: the output stays as it is
-        stack.pop()
+        name, _ = ran.stack.pop()
+        if isinstance(module, PRUNED_TYPES):
+            ran.last_pruned = name
 
     handles = []
     for name, module in model.named_modules():
         if name:
             handles += [module.register_forward_pre_hook(entered(name)), module.register_forward_hook(left)]
     try:
-        yield stack
+        yield ran
     finally:
         for handle in handles:
             handle.remove()
