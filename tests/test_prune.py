@@ -224,6 +224,9 @@ def test_the_student_is_the_trained_teacher_pruned_and_its_checkpoints_reload(tm
 def test_a_prune_ratio_sweep_distils_pruned_teachers(kdrun, tmp_path, tiny_args, read_metrics):
     proc = kdrun("-m", *tiny_args, "epochs=1", "prune.ratio=0.25,0.5", "hydra.sweep.dir=sweep")
     assert proc.returncode == 0, proc.stderr
+    from kdrun.engine.evaluate import predict
+
+    test_split = build_dataset({"name": "synthetic", "image_size": 16, "train_size": 320, "test_size": 64}).test
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.name[0].isdigit())
     assert [p.name for p in jobs] == ["0_prune.ratio=0.25", "1_prune.ratio=0.5"]
     assert proc.stderr.count("teacher: training") == 1 and proc.stderr.count("baseline: training") == 2
@@ -240,6 +243,12 @@ def test_a_prune_ratio_sweep_distils_pruned_teachers(kdrun, tmp_path, tiny_args,
         assert pruned["before"]["latency_ms"] > 0 and pruned["after"]["latency_ms"] > 0
         assert pruned["before"]["params"] == teacher["params"] and pruned["after"]["flops"] == student["flops"]
         assert pruned["library"].startswith("torch-pruning ")
+        # the pruned weights before training: the cached teacher, pruned here the same way, on the test split
+        teacher_model = create_model("cifar:resnet14", num_classes=10, in_chans=3)
+        load_model_weights(teacher_model, tmp_path / teacher["path"], "teacher.checkpoint", "cifar:resnet14", 10)
+        prune_model(teacher_model, ratio, torch.zeros(2, 3, 16, 16), 10, "teacher")
+        logits, labels = predict(teacher_model, test_split, 64, torch.device("cpu"))
+        assert pruned["pruned_top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item(), abs=1e-9)
         saved = torch.load(job / "checkpoints" / "best.pt", weights_only=True)
         assert saved["pruning"]["ratio"] == ratio and saved["model_name"] == "cifar:resnet14"
         assert f"pruning: teacher cifar:resnet14, {100 * ratio:g}% of each layer's channels removed" in \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from kdrun.config.prune_checks import pruning
+from kdrun.evaluation.metrics import classification_metrics
 from kdrun.models import create_model
 from kdrun.paradigms.result import ParadigmResult, measured_cost, model_metrics, predict_test_split
 from kdrun.stages.context import RunContext
@@ -35,6 +36,9 @@ def report_pruning(ctx: RunContext, result: ParadigmResult) -> None:
         result.models[f"{key}_unpruned"] = trained
         teacher_rows = [i for i, (label, _) in enumerate(result.rows) if label == "teacher"]
         result.rows.insert(teacher_rows[0] + 1 if teacher_rows else 0, ("unpruned", trained))  # before the pruned
+    # what the fine-tune starts from: the pruned weights before any training (a fresh build prunes them again)
+    pruned_logits, pruned_labels = predict_test_split(ctx, ctx.build_model("student").to(ctx.device))
+    summary["pruned_top1"] = classification_metrics(pruned_logits, pruned_labels)["top1"]
     # params, FLOPs, then latency and throughput once the run's models are timed (together: comparable)
     summary["before"] = measured_cost(ctx, unpruned, cfg.name)
     summary["after"] = measured_cost(ctx, student, cfg.name)

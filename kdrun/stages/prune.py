@@ -133,7 +133,8 @@ def footer_line(pruned: dict) -> str:
     return (f"pruning: {pruned['source']} {pruned['model']}, {100 * pruned['ratio']:g}% of each layer's channels "
             f"removed ({100 * pruned['channel_ratio']:.1f}% of all): params {pruned['params_before'] / 1e6:.2f}M -> "
             f"{pruned['params_after'] / 1e6:.2f}M, MFLOPs {pruned['flops_before'] / 1e6:.1f} -> "
-            f"{pruned['flops_after'] / 1e6:.1f}, latency {latency}")
+            f"{pruned['flops_after'] / 1e6:.1f}, latency {latency}; top-1 once pruned, before training "
+            f"{100 * pruned['pruned_top1']:.2f}%")
 
 
 def restore_pruned(ctx, role: str, model: nn.Module) -> nn.Module:
