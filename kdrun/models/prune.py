@@ -46,7 +46,7 @@ def library_version() -> str:
 
 @dataclass
 class PruneReport:
-    """What pruning removed: params, FLOPs-free counts (the run measures FLOPs), and the channels kept."""
+    """What pruning removed: parameters, and output channels of the counted layers."""
     params_before: int
     params_after: int
     channels_before: int      # output channels of the counted layers (PRUNED_TYPES, classifier excluded)
@@ -100,8 +100,6 @@ def prune_model(model: nn.Module, ratio: float, example: torch.Tensor, num_class
             pruner = tp.pruner.MetaPruner(model, example, importance=norm, pruning_ratio=ratio, ignored_layers=keep,
                                           global_pruning=False)
             pruner.step()
-    except KdrunError:
-        raise
     except Exception as error:   # tracing or pruning failed inside the library
         raise KdrunError(f"prune.ratio={ratio}: Torch-Pruning cannot prune {label} ({type(error).__name__}: "
                          f"{_first_line(error)}); keep the failing layers whole with prune.ignored_layers=[NAME], or "

@@ -3,16 +3,13 @@ achieved; params, FLOPs, latency and throughput before and after), a line under 
 trained student was pruned (prune.source=student with student.checkpoint), its accuracy before pruning as a row."""
 from __future__ import annotations
 
-import logging
-
 from kdrun.config.prune_checks import pruning
+from kdrun.engine.checkpoint import load_model_weights
 from kdrun.evaluation.metrics import classification_metrics
 from kdrun.models import create_model
 from kdrun.paradigms.result import ParadigmResult, measured_cost, model_metrics, predict_test_split
 from kdrun.stages.context import RunContext
 from kdrun.stages.prune import footer_line, pruning_metrics
-
-log = logging.getLogger("kdrun")
 
 
 def report_pruning(ctx: RunContext, result: ParadigmResult) -> None:
@@ -28,8 +25,6 @@ def report_pruning(ctx: RunContext, result: ParadigmResult) -> None:
                             image_size=ctx.data.image_size, **dict(cfg.kwargs)).to(ctx.device)
     if ctx.cfg.prune.source == "student" and cfg.get("checkpoint"):
         # the trained student before pruning: its accuracy is what the fine-tune recovers towards
-        from kdrun.engine.checkpoint import load_model_weights
-
         load_model_weights(unpruned, cfg.checkpoint, "student.checkpoint", cfg.name, ctx.data.num_classes)
         logits, labels = predict_test_split(ctx, unpruned)
         trained = model_metrics(ctx, unpruned, cfg.name, logits, labels, source="checkpoint", path=str(cfg.checkpoint))

@@ -35,7 +35,7 @@ class PruneState:
     source_sha256: Optional[str] = None        # their content hash: part of the pruned stages' cache keys
     report: Optional[PruneReport] = None       # of the last pruning of trained weights
     restored: dict = field(default_factory=dict)   # role -> the pruning recipe of its (pruned) checkpoint
-    logged: set = field(default_factory=set)
+    logged: bool = False                       # the pruning of trained weights is logged once per run
 
 
 def remember_teacher(ctx, teacher: nn.Module) -> None:
@@ -71,8 +71,8 @@ def prune_student(ctx, model: nn.Module) -> nn.Module:
                          str(prune.importance), list(prune.ignored_layers))
     if trained:
         state.report = report
-        if "pruned" not in state.logged:
-            state.logged.add("pruned")
+        if not state.logged:
+            state.logged = True
             log.info("prune: %s with %.0f%% of each layer's channels removed (%s importance): params %.2fM -> "
                      "%.2fM, channels %d -> %d", label, 100 * prune.ratio, prune.importance,
                      report.params_before / 1e6, report.params_after / 1e6, report.channels_before,
