@@ -149,6 +149,7 @@ def compose_tiny(tmp_path: Path, *overrides: str):
     (["prune=teacher", "prune.importance=taylor"], "prune.importance=taylor must be l2 or l1"),
     (["prune=teacher", "paradigm=online"], "prune.ratio with paradigm=online: pruning builds the student"),
     (["prune=teacher", "student.checkpoint=s.pt"], "prune.source=teacher builds the student from the teacher's"),
+    (["prune=teacher", "teacher.outputs=t.npz"], "prune.source=teacher prunes the teacher model, but teacher.outputs"),
     (["prune=distilled"], "prune.finetune_epochs fine-tunes a trained student once pruned: pass student.checkpoint"),
 ])
 def test_bad_prune_settings_are_one_line_with_the_fix(tmp_path, overrides, start):
