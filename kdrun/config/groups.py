@@ -169,6 +169,20 @@ class QuantizeConfig:
     calibration: int = 512      # training images that calibrate the activations' ranges
 
 
+# --- structured pruning of the student (conf/prune/, README "Pruning") ----------------------------------
+
+@dataclass
+class PruneConfig:
+    """prune.ratio=0.5: the student is the model of `source` with half of each layer's channels removed
+    (Torch-Pruning, kdrun/models/prune.py), then trained (baseline) and distilled from the unpruned teacher."""
+    ratio: Optional[float] = None     # the fraction of each layer's channels removed, in (0, 1); null: no pruning
+    source: str = "teacher"           # teacher: a pruned copy of the trained teacher; student: of the student
+                                      # (its student.checkpoint weights where given: a distilled student)
+    importance: str = "l2"            # which channels go: those of the smallest l2 (or l1) weight norm
+    ignored_layers: List[str] = field(default_factory=list)   # layers (module names) kept whole
+    finetune_epochs: Optional[int] = None   # set: the pruned student's stages train this many epochs
+
+
 # --- paradigms (conf/paradigm/) ------------------------------------------------------------------------
 
 @dataclass
@@ -207,6 +221,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "optim": {"sgd": SGDConfig, "adamw": AdamWConfig, "dot": DOTConfig},
     "sched": {"plain": SchedConfig, "multistep": MultiStepSchedConfig},
     "quantize": {"plain": QuantizeConfig},
+    "prune": {"plain": PruneConfig},
     "paradigm": {"plain": ParadigmConfig, "online": OnlineParadigm, "self": SelfParadigm,
                  "multi_teacher": MultiTeacherParadigm},
 }

@@ -14,9 +14,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.config.groups import (EXTRA_KEYS, SCHEMAS, DatasetConfig, DistillMethod, OptimConfig, ParadigmConfig,
-                                 QuantizeConfig, SchedConfig, keys_past_schema, schema_keys)
+                                 PruneConfig, QuantizeConfig, SchedConfig, keys_past_schema, schema_keys)
 from kdrun.config.deploy_checks import check_deploy
 from kdrun.config.inputs import check_inputs
+from kdrun.config.prune_checks import check_prune, pruning
 from kdrun.config.stored_teacher import check_stored_teacher
 from kdrun.config.values import check_finite, check_values
 from kdrun.errors import KdrunError
@@ -75,12 +76,14 @@ class KdrunConfig:
     # The shipped model (README "Export and quantization"): export=onnx, export=[onnx,program,torchscript]
     export: Any = None                # a format name or a list of them; none or null: no export
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)   # conf/quantize/: none, int8
+    prune: PruneConfig = field(default_factory=PruneConfig)   # conf/prune/: none, teacher, student, distilled
 
 
 # Shuffling seeds a generator with seed * 100_003 + epoch (engine/loaders.py), which must fit in 64 bits.
 MAX_SEED = 10**14
 
-GROUP_FIELDS = ("teacher", "student", "assistant", "dataset", "distill", "paradigm", "optim", "sched", "quantize")
+GROUP_FIELDS = ("teacher", "student", "assistant", "dataset", "distill", "paradigm", "optim", "sched", "quantize",
+                "prune")
 
 
 def register_configs() -> None:
@@ -137,6 +140,7 @@ def validate(cfg: DictConfig) -> None:
            "the distill config lists no loss terms: pick a method with distill=NAME, e.g. distill=kd")
     check_group_keys(cfg)
     check_deploy(cfg)
+    check_prune(cfg)
     check_values(cfg)  # optimizer, schedule, loader and loss-term values that reach torch
     check_inputs(cfg)  # device, dataset name, checkpoint paths: still before any heavy import
     check_stored_teacher(cfg)  # teacher.outputs / teacher.export_outputs
@@ -163,6 +167,8 @@ def check_group_keys(cfg: DictConfig) -> None:
 
 
 def stage_epochs(cfg: DictConfig, role: str) -> int:
+    if role == "student" and pruning(cfg) and cfg.prune.get("finetune_epochs") is not None:
+        return int(cfg.prune.finetune_epochs)   # the short fine-tune of a pruned student
     return int(cfg[role].epochs if cfg[role].epochs is not None else cfg.epochs)
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun import __version__
 from kdrun.config.paradigm_checks import paradigm_name, unread_settings
+from kdrun.config.prune_checks import student_config
 from kdrun.data import build_dataset, describe
 from kdrun.deploy.artifacts import check_exportable, compare_speed, deploy
 from kdrun.distill import check_terms, needs_strong_view
@@ -29,6 +30,7 @@ from kdrun.models import check_model_name
 from kdrun.paradigms import PARADIGMS
 from kdrun.paradigms.result import time_models_of
 from kdrun.run.preflight import preflight
+from kdrun.run.pruning import report_pruning
 from kdrun.run.results import run_metrics, write_results
 from kdrun.stages.context import RunContext
 
@@ -64,9 +66,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
     `overrides`: the command-line overrides that made `cfg`, kept in metrics.json (a re-run sweep compares them).
     """
     started = time.perf_counter()
+    cfg = student_config(cfg)  # prune.source=teacher: the student is the teacher's architecture, pruned
     paradigm = PARADIGMS.get(paradigm_name(cfg), "paradigm.name")
     ctx = build_context(cfg, run_dir, overrides)
     result = paradigm(ctx)
+    report_pruning(ctx, result)  # prune.ratio: params, FLOPs and speed before and after
     failure = deploy(ctx, result)  # export=, quantize=: artifacts checked on the test split
     time_models_of(result.models, result.rows, result.extra)  # the run's models, timed together, interleaved
     compare_speed(result)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+from kdrun.config.prune_checks import pruning
 from kdrun.config.schema import ModelConfig, stage_epochs, stage_lr
 from kdrun.data import DataBundle
 from kdrun.engine.checkpoint import load_model_weights
@@ -24,6 +25,7 @@ from kdrun.engine.trainer import Recipe
 from kdrun.errors import KdrunError
 from kdrun.models import check_model_name, create_model
 from kdrun.paths import model_preset
+from kdrun.stages.prune import PruneState, checkpoint_meta, prune_student, restore_pruned
 
 
 
@@ -41,6 +43,7 @@ class RunContext:
     progress: bool
     speed: Speed = field(default_factory=Speed)
     overrides: list[str] = field(default_factory=list)  # the command line's, kept in metrics.json
+    pruning: PruneState = field(default_factory=PruneState)  # prune.ratio: the weights pruned, what it removed
 
     @property
     def data_workers(self) -> int:
@@ -65,13 +68,16 @@ class RunContext:
                              pretrained=model_cfg.pretrained, role=role, image_size=self.data.image_size,
                              **plain(model_cfg.kwargs))
         if model_cfg.get("checkpoint"):
+            model = restore_pruned(self, role, model)  # a pruned student's checkpoint: its shapes first
             load_model_weights(model, model_cfg.checkpoint, f"{role}.checkpoint", model_cfg.name,
                                self.data.num_classes)
+        if role == "student" and pruning(self.cfg):  # prune.ratio: the student is a pruned model (README "Pruning")
+            model = prune_student(self, model)
         return model
 
     def meta(self, role: str) -> dict:
-        """What every checkpoint of the model in `role` carries."""
-        return self.model_meta(self.cfg[role].name)
+        """What every checkpoint of the model in `role` carries (a pruned student: how it was pruned)."""
+        return {**self.model_meta(self.cfg[role].name), **checkpoint_meta(self, role)}
 
     def model_meta(self, name: str) -> dict:
         """The same for a model that fills no role of the config (peers, an ensemble)."""

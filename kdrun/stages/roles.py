@@ -28,6 +28,7 @@ from kdrun.engine.trainer import Recipe, Stage, StageResult, train
 from kdrun.errors import KdrunError
 from kdrun.stages.context import RunContext, plain
 from kdrun.stages.heads import fit_class_means, head_pairing
+from kdrun.stages.prune import cache_key as pruning_key, remember_teacher
 from kdrun.tensorboard.curves import validation_logger, write_reference_curves
 from kdrun.tensorboard.soft_targets import soft_target_logger
 from kdrun.tensorboard.writer import cache_run_name, open_writer, write_layout
@@ -132,6 +133,8 @@ def hard_label_role(ctx: RunContext, stage: str, role: str) -> Role:
     model_spec = {"name": model_cfg.name, "pretrained": model_cfg.pretrained, "kwargs": plain(model_cfg.kwargs)}
     if model_cfg.get("checkpoint"):  # initial weights (student.checkpoint): keyed by content, not by path
         model_spec["checkpoint_sha256"] = file_sha256(Path(model_cfg.checkpoint).expanduser())
+    if role == "student":
+        model_spec.update(pruning_key(ctx))  # prune.ratio: how it was pruned, from which weights
     spec = {"stage": stage, "model": model_spec, "dataset": cache_key_options(plain(ctx.cfg.dataset)),
             "recipe": vars(recipe), **numerics_key(ctx.speed)}
     return Role(stage, StepForward(model), hard_label_loss(), ctx.meta(role), recipe, cache_spec=spec)
@@ -142,8 +145,11 @@ def obtain_teacher(ctx: RunContext) -> StageOutcome:
     if checkpoint:
         model = ctx.build_model("teacher")  # with the checkpoint's weights
         log.info("teacher: loaded %s from %s", ctx.cfg.teacher.name, checkpoint)
-        return StageOutcome(model.to(ctx.device), "checkpoint", str(checkpoint))
-    return train_role(ctx, hard_label_role(ctx, "teacher", "teacher"))
+        outcome = StageOutcome(model.to(ctx.device), "checkpoint", str(checkpoint))
+    else:
+        outcome = train_role(ctx, hard_label_role(ctx, "teacher", "teacher"))
+    remember_teacher(ctx, outcome.model)  # prune.source=teacher: the weights the student is pruned from
+    return outcome
 
 
 def _say_where_the_student_starts(ctx: RunContext) -> None:
