@@ -94,14 +94,14 @@ def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tenso
 
 # --- DKD (Zhao, Cui, Song, Qiu & Liang, CVPR 2022) ----------------------------------------------------
 
-def _split_target(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_target(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split (B, K) logits into the target column (B, 1) and the K - 1 non-target ones (B, K - 1)."""
     is_target = F.one_hot(targets, logits.shape[1]).bool()
     # Boolean indexing keeps row-major order and every row has exactly one target.
     return logits[is_target].view(-1, 1), logits[~is_target].view(logits.shape[0], -1)
 
 
-def _binary_log_probs(target: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+def binary_log_probs(target: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """log [p_t, 1 - p_t] as a 2-way log-softmax over (z_t, logsumexp(z_others)): no log(0) ever."""
     return F.log_softmax(torch.cat([target, others.logsumexp(dim=1, keepdim=True)], dim=1), dim=1)
 
@@ -116,9 +116,9 @@ def dkd_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     p^ is a softmax over the K - 1 non-target logits (the target column removed rather than
     masked with a large negative number): with K = 2 it has one class, so NCKD is exactly 0.
     """
-    s_target, s_others = _split_target(student_logits / T, targets)
-    t_target, t_others = _split_target(teacher_logits / T, targets)
-    tckd = _kl(_binary_log_probs(s_target, s_others), _binary_log_probs(t_target, t_others))
+    s_target, s_others = split_target(student_logits / T, targets)
+    t_target, t_others = split_target(teacher_logits / T, targets)
+    tckd = _kl(binary_log_probs(s_target, s_others), binary_log_probs(t_target, t_others))
     nckd = _kl(F.log_softmax(s_others, dim=1), F.log_softmax(t_others, dim=1))
     return tckd * (T * T), nckd * (T * T)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from kdrun.distill.context import StepContext
 from kdrun.distill.registry import TERMS
-from kdrun.distill.response import _binary_log_probs, _split_target, warmup_factor
+from kdrun.distill.response import binary_log_probs, split_target, warmup_factor
 from kdrun.errors import KdrunError
 
 SDD_BASES = ("kd", "dkd")
@@ -47,9 +47,9 @@ def kd_rows(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Ten
 def dkd_rows(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, T: float,
              alpha: float, beta: float) -> torch.Tensor:
     """alpha * TCKD + beta * NCKD per row (DKD, Zhao et al. CVPR 2022; see kdrun.distill.response.dkd_parts)."""
-    s_target, s_others = _split_target(student / T, targets)
-    t_target, t_others = _split_target(teacher / T, targets)
-    tckd = _kl_rows(_binary_log_probs(s_target, s_others), _binary_log_probs(t_target, t_others))
+    s_target, s_others = split_target(student / T, targets)
+    t_target, t_others = split_target(teacher / T, targets)
+    tckd = _kl_rows(binary_log_probs(s_target, s_others), binary_log_probs(t_target, t_others))
     nckd = _kl_rows(F.log_softmax(s_others, dim=1), F.log_softmax(t_others, dim=1))
     return (alpha * tckd + beta * nckd) * (T * T)
 

@@ -17,7 +17,7 @@ from kdrun.models.features_common import FeatureTaps, as_vector, cannot_run, dum
 from kdrun.models.features_fx_graph import Plan, ShapeRecorder, Traced, plan
 
 
-def _tracer_kwargs(extra: dict | None) -> dict:
+def tracer_options(extra: dict | None) -> dict:
     # create_feature_extractor adds torchvision's defaults (its ops as leaf modules) to what it
     # is given; trace with the same settings so that node names agree.
     try:
@@ -27,10 +27,10 @@ def _tracer_kwargs(extra: dict | None) -> dict:
     return _set_default_tracer_kwargs(dict(extra or {}))
 
 
-def _trace(model: nn.Module, model_name: str, role: str, tracer_kwargs: dict | None,
+def trace_model(model: nn.Module, model_name: str, role: str, tracer_kwargs: dict | None,
            x: Tensor | None = None) -> Traced:
     """The eval-mode graph; with ``x``, also what each node returns for it."""
-    tracer = NodePathTracer(**_tracer_kwargs(tracer_kwargs))
+    tracer = NodePathTracer(**tracer_options(tracer_kwargs))
     with eval_mode(model):
         try:
             graph = tracer.trace(model)
@@ -49,7 +49,7 @@ def _trace(model: nn.Module, model_name: str, role: str, tracer_kwargs: dict | N
 
 def fx_layer_names(model: nn.Module, tracer_kwargs: dict | None = None) -> list[str]:
     """The graph node names create_feature_extractor accepts (module names work too)."""
-    traced = _trace(model, type(model).__name__, "model", tracer_kwargs)
+    traced = trace_model(model, type(model).__name__, "model", tracer_kwargs)
     return [name for node, name in traced.names.items() if node.op != "placeholder"]
 
 
@@ -95,14 +95,14 @@ class FxTaps(FeatureTaps):
 
 def build_fx_taps(model: nn.Module, model_name: str, input_shape: tuple[int, int, int],
                   layers: Sequence[str] | None, role: str, tracer_kwargs: dict | None = None) -> FxTaps:
-    traced = _trace(model, model_name, role, tracer_kwargs, dummy_batch(model, input_shape))
+    traced = trace_model(model, model_name, role, tracer_kwargs, dummy_batch(model, input_shape))
     spec = plan(traced, model_name, role, (input_shape[1], input_shape[2]), layers)
     nodes = list(dict.fromkeys([*spec.maps, spec.embedding, spec.logits]))
     # It leaves the model wholly in train or eval mode; eval_mode restores each module's own.
     with eval_mode(model):
         try:
             extractor = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True,
-                                                 tracer_kwargs=_tracer_kwargs(tracer_kwargs))
+                                                 tracer_kwargs=tracer_options(tracer_kwargs))
         except ValueError as error:  # a node of the eval graph that the train graph lacks
             raise KdrunError(f"cannot tap {role} '{model_name}' in training mode ({one_line(error, limit=200)}): "
                              f"pick other {role} layers") from error

@@ -116,7 +116,7 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _classifier(traced: Traced, logits: fx.Node) -> fx.Node | None:
+def classifier_node(traced: Traced, logits: fx.Node) -> fx.Node | None:
     """The last Linear feeding the logits; without one, the last 1x1 convolution."""
     upstream = sorted(_ancestors(logits), key=traced.order.__getitem__, reverse=True)
     for node in upstream:
@@ -137,7 +137,7 @@ def _is_global_pool(traced: Traced, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _POOL_METHODS
 
 
-def _last_map(traced: Traced, start: fx.Node, hw: tuple[int, int], downstream: set[fx.Node]) -> fx.Node | None:
+def last_map_node(traced: Traced, start: fx.Node, hw: tuple[int, int], downstream: set[fx.Node]) -> fx.Node | None:
     """Walk back from the classifier's input: the input of the global pooling, or else (no
     pooling, e.g. SqueezeNet's conv classifier) the first map met."""
     chain, node = [], start
@@ -235,9 +235,9 @@ def plan(traced: Traced, model_name: str, role: str, hw: tuple[int, int], layers
         raise KdrunError(f"{role} '{model_name}' does not return one logits tensor in eval mode: "
                          "feature distillation needs a plain classifier")
     downstream = traced.downstream()
-    classifier = _classifier(traced, output)
+    classifier = classifier_node(traced, output)
     clf_input = next((p for p in classifier.all_input_nodes if p in downstream), None) if classifier else None
-    last = _last_map(traced, clf_input if clf_input is not None else output, hw, downstream)
+    last = last_map_node(traced, clf_input if clf_input is not None else output, hw, downstream)
     if layers is not None:
         named = _resolve(traced, layers, model_name, role)
     else:

@@ -209,15 +209,15 @@ def _graph_tail(traced, start: fx.Node) -> fx.GraphModule:
 
 
 def _fx_head(model: nn.Module, model_name: str, input_shape: tuple[int, int, int], role: str) -> FxHead:
-    from kdrun.models.features_fx import _trace, _tracer_kwargs
-    from kdrun.models.features_fx_graph import _classifier, _last_map
+    from kdrun.models.features_fx import trace_model, tracer_options
+    from kdrun.models.features_fx_graph import classifier_node, last_map_node
 
-    traced = _trace(model, model_name, role, None, dummy_batch(model, input_shape))
+    traced = trace_model(model, model_name, role, None, dummy_batch(model, input_shape))
     output = next(n for n in traced.graph.nodes if n.op == "output").args[0]
     downstream = traced.downstream()
-    classifier = _classifier(traced, output)
+    classifier = classifier_node(traced, output)
     clf_input = next((p for p in classifier.all_input_nodes if p in downstream), None) if classifier else None
-    last = _last_map(traced, clf_input if clf_input is not None else output, input_shape[1:], downstream)
+    last = last_map_node(traced, clf_input if clf_input is not None else output, input_shape[1:], downstream)
     if last is None or clf_input is None:
         raise KdrunError(f"cannot find the final feature map and classifier of {role} '{model_name}': "
                          f"pick a timm or torchvision CNN")
@@ -226,7 +226,7 @@ def _fx_head(model: nn.Module, model_name: str, input_shape: tuple[int, int, int
         tail = _graph_tail(traced, last)
         with eval_mode(model):
             extractor = create_feature_extractor(model, return_nodes=list(dict.fromkeys(nodes)),
-                                                 suppress_diff_warning=True, tracer_kwargs=_tracer_kwargs(None))
+                                                 suppress_diff_warning=True, tracer_kwargs=tracer_options(None))
     except Exception as error:
         raise KdrunError(f"cannot split {role} '{model_name}' at its global pooling ({error}): "
                          f"pick another {role} model") from error
