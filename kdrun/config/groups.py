@@ -161,6 +161,14 @@ class QuantizeConfig:
     calibration: int = 512      # training images that calibrate the activations' ranges
 
 
+@dataclass
+class QatConfig(QuantizeConfig):
+    """quantize=qat: the distilled student fine-tuned with fake quantization, still distilling (calibration is
+    not read: the observers follow the training batches)."""
+    epochs: int = 2             # epochs of quantization-aware distillation after the fp32 distillation
+    lr_scale: float = 0.1       # their lr: the student's lr times this (a fine-tune, from trained weights)
+
+
 # --- paradigms (conf/paradigm/) ------------------------------------------------------------------------
 
 @dataclass
@@ -198,7 +206,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "distill": {"method": DistillMethod, "logit_standardized": LogitStandardizedMethod},
     "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
     "sched": {"plain": SchedConfig, "multistep": MultiStepSchedConfig},
-    "quantize": {"plain": QuantizeConfig},
+    "quantize": {"plain": QuantizeConfig, "qat": QatConfig},
     "paradigm": {"plain": ParadigmConfig, "online": OnlineParadigm, "self": SelfParadigm,
                  "multi_teacher": MultiTeacherParadigm},
 }
