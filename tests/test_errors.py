@@ -136,6 +136,15 @@ LIGHT = {
                                     "paradigm=online needs teacher models"),
     "teacher outputs and checkpoint": (["teacher.outputs={inputs}/outputs_logits.npz", *LOADED_TEACHER],
                                        "so teacher.checkpoint has nothing to act on"),
+    # --- quantization-aware distillation (README "Export and quantization") ---
+    "qat of another paradigm": (["paradigm=online", "quantize=qat"],
+                                "paradigm=online ships another model: use quantize=int8 (post-training) for it"),
+    "qat under autocast": (["quantize=qat", "precision=bf16"], "quantize=qat trains with fake quantization in fp32, "
+                                                               "not under autocast: pass precision=fp32"),
+    "qat compiled": (["quantize=qat", "compile=true"], "quantize=qat trains a torch.export graph that torch.compile "
+                                                       "does not take here: pass compile=false"),
+    "zero qat epochs": (["quantize=qat", "quantize.epochs=0"], "quantize.epochs=0 must be >= 1 epochs"),
+    "zero qat lr": (["quantize=qat", "quantize.lr_scale=0"], "quantize.lr_scale=0.0 must be > 0"),
 }
 
 HEAVY = {
