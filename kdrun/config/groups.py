@@ -157,14 +157,14 @@ class MultiStepSchedConfig(SchedConfig):
 
 @dataclass
 class QuantizeConfig:
-    name: str = "none"          # none, or int8: ONNX Runtime's static int8 quantization after training
+    name: str = "none"          # none; int8: ONNX Runtime static int8 after training; qat: QatConfig
     calibration: int = 512      # training images that calibrate the activations' ranges
 
 
 @dataclass
 class QatConfig(QuantizeConfig):
-    """quantize=qat: the distilled student fine-tuned with fake quantization, still distilling (calibration is
-    not read: the observers follow the training batches)."""
+    """quantize=qat: the distilled student fine-tuned with fake quantization, still distilling (its observers
+    follow the training batches; `calibration` serves the post-training int8 model the run also reports)."""
     epochs: int = 2             # epochs of quantization-aware distillation after the fp32 distillation
     lr_scale: float = 0.1       # their lr: the student's lr times this (a fine-tune, from trained weights)
 
