@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from kdrun.data import build_dataset
-from kdrun.deploy.qat import FakeQuantized, convert_to_int8, fake_quant_keys, prepare_qat
+from kdrun.deploy.qat import (
+    FakeQuantized,
+    convert_to_int8,
+    fake_quant_keys,
+    prepare_qat,
+)
 from kdrun.distill import build_loss
 from kdrun.engine.checkpoint import load_file
 from kdrun.engine.forward import StepForward
@@ -115,7 +120,7 @@ def test_qat_checkpoint_holds_the_fake_quant_state_and_resumes_exactly(prepared,
 def qat_run(tmp_path_factory, run_kdrun, tiny_args, read_metrics):
     cwd = tmp_path_factory.mktemp("qat")
     args = [a for a in tiny_args if not a.startswith("epochs=")]
-    done = run_kdrun([*args, "epochs=2", "baseline=false", "quantize=qat", "quantize.epochs=2",
+    done = run_kdrun([*args, "teacher.epochs=1", "epochs=1", "baseline=false", "quantize=qat", "quantize.epochs=1",
                       "quantize.calibration=64", "hydra.run.dir=run"], cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return cwd / "run", read_metrics(cwd / "run"), done.stdout
@@ -133,14 +138,14 @@ def test_qat_run_ships_an_int8_student_beside_post_training_quantization(qat_run
     report = metrics["export"]
     assert report["quantize"] == "qat" and report["formats"] == []
     info = report["qat"]
-    assert info["epochs"] == 2 and info["lr"] == pytest.approx(0.05 * 0.1)  # lr times quantize.lr_scale
-    assert [h["epoch"] for h in info["history"]] == [1, 2]
+    assert info["epochs"] == 1 and info["lr"] == pytest.approx(0.05 * 0.1)  # lr times quantize.lr_scale
+    assert [h["epoch"] for h in info["history"]] == [1]
     # the int8 file predicts what the fake-quantized model it came from predicted
     assert info["max_abs_diff_fake_quant"] < 0.5 and abs(info["fake_quant_top1"] - qat["top1"]) <= 2 / 64
     assert sorted(p.name for p in (run_dir / "export").iterdir()) == ["preprocessing.json", "student.int8.onnx",
                                                                       "student.qat.onnx"]
     saved = load_file(run_dir / "qat" / "checkpoints" / "last.pt")
-    assert saved["stage"] == "qat" and saved["quantization"] == "qat" and saved["epoch"] == 2
+    assert saved["stage"] == "qat" and saved["quantization"] == "qat" and saved["epoch"] == 1
     assert fake_quant_keys(saved["model"])
     rows = [line.split()[0] for line in stdout.splitlines() if line.startswith(("distilled", "int8", "qat"))]
     assert rows == ["distilled", "int8", "qat"]

@@ -56,6 +56,9 @@ def check_exportable(ctx: RunContext) -> None:
     """Before any stage trains: the untrained model of the shipped role goes through torch.export, so a
     model with data-dependent control flow fails now, in seconds, not after training."""
     formats, quantize = wanted(ctx)
+    if quantize == "qat" and distributed.active():  # every process says it, none waits for the others
+        raise KdrunError("quantize=qat trains the fake-quantized student in one process: launch kdrun without "
+                         "torchrun (or use quantize=int8 after a torchrun run)")
     if not (formats or quantize != "none") or not distributed.is_main():
         return
     if "onnx" in formats or quantize != "none":
@@ -64,7 +67,8 @@ def check_exportable(ctx: RunContext) -> None:
         check_qat_run(ctx)  # captured and fake-quantized: what the QAT stage will do to the trained student
     role = deployable_role(ctx)
     model = ctx.build_model(role).eval()
-    targets = [f for f in formats if f != "torchscript"] or (["onnx"] if quantize != "none" else [])
+    # quantize=qat's check above went through torch.export already
+    targets = [f for f in formats if f != "torchscript"] or (["onnx"] if quantize == "int8" else [])
     if targets:
         export_program(model, example_images(ctx), ctx.cfg[role].name, targets[0])
 

@@ -47,7 +47,7 @@ class FakeQuantized(nn.Module):
         output = self.graph(images)
         return output[0] if self.logits_only and isinstance(output, (tuple, list)) else output
 
-    def train(self, mode: bool = True) -> "FakeQuantized":
+    def train(self, mode: bool = True) -> FakeQuantized:
         from torchao.quantization.pt2e import disable_observer, enable_observer
 
         self.training = mode  # not the graph's own train(): an exported graph refuses it
@@ -85,8 +85,12 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, model_name: str) -> nn.
                              "(or pip install torchao)") from error
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-        from torchao.quantization.pt2e.utils import _fuse_conv_bn_  # what torchao's own prepare_pt2e folds with
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+        from torchao.quantization.pt2e.utils import (
+            _fuse_conv_bn_,  # what torchao's own prepare_pt2e folds with
+        )
 
     captured = copy.deepcopy(model).cpu().float().eval()
     batch = torch.export.Dim("batch", min=1, max=65536)

@@ -17,11 +17,9 @@ import torch
 from torch import nn
 
 from kdrun.deploy.qat import FakeQuantized, prepare_qat
-from kdrun.engine import distributed
 from kdrun.engine.forward import FeaturePairing, StepForward
 from kdrun.engine.seeding import seed_everything
 from kdrun.engine.trainer import Recipe
-from kdrun.errors import KdrunError
 from kdrun.stages.context import RunContext, derive
 from kdrun.stages.roles import Role, StageOutcome, distill_forward, train_role
 
@@ -31,10 +29,7 @@ QAT_DIR = "qat"   # RUN_DIR/qat/: the stage's checkpoints and curves
 
 
 def check_qat_run(ctx: RunContext) -> None:
-    """Before any stage trains: one process, and a student that torch.export captures and the quantizer takes."""
-    if distributed.active():
-        raise KdrunError("quantize=qat trains the fake-quantized student in one process: launch kdrun without "
-                         "torchrun (or use quantize=int8 after a torchrun run)")
+    """Before any stage trains: a student that torch.export captures and the quantizer takes."""
     prepare_qat(ctx.build_model("student"), example_images(ctx), ctx.cfg.student.name)
 
 
