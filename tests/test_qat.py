@@ -138,7 +138,7 @@ def test_qat_run_ships_an_int8_student_beside_post_training_quantization(qat_run
     report = metrics["export"]
     assert report["quantize"] == "qat" and report["formats"] == []
     info = report["qat"]
-    assert info["epochs"] == 1 and info["lr"] == pytest.approx(0.05 * 0.1)  # lr times quantize.lr_scale
+    assert info["epochs"] == 1 and info["lr"] == pytest.approx(0.05 * 0.01)  # lr times quantize.lr_scale
     assert [h["epoch"] for h in info["history"]] == [1]
     # the int8 file predicts what the fake-quantized model it came from predicted
     assert info["max_abs_diff_fake_quant"] < 0.5 and abs(info["fake_quant_top1"] - qat["top1"]) <= 2 / 64

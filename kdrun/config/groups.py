@@ -166,7 +166,7 @@ class QatConfig(QuantizeConfig):
     """quantize=qat: the distilled student fine-tuned with fake quantization, still distilling (its observers
     follow the training batches; `calibration` serves the post-training int8 model the run also reports)."""
     epochs: int = 2             # epochs of quantization-aware distillation after the fp32 distillation
-    lr_scale: float = 0.1       # their lr: the student's lr times this (a fine-tune, from trained weights)
+    lr_scale: float = 0.01      # their lr: the student's lr times this (BatchNorm folded: small steps)
 
 
 # --- paradigms (conf/paradigm/) ------------------------------------------------------------------------
