@@ -102,7 +102,10 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, model_name: str) -> nn.
         raise KdrunError(f"quantize=qat: student {model_name} cannot be captured by torch.export for "
                          f"quantization-aware training: {failure_cause(error)}; pass quantize=int8 or a student "
                          f"without it") from error
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+    # reduce_range: activations in 0..127, so that u8 x s8 products summed in pairs fit int16 in the x86 int8
+    # kernels of CPUs without VNNI (AVX2), which otherwise saturate and run another model than the trained one
+    config = get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=True)
+    quantizer = X86InductorQuantizer().set_global(config)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
