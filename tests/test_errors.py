@@ -138,6 +138,15 @@ LIGHT = {
                                        "so teacher.checkpoint has nothing to act on"),
     "dot momenta out of range": (["optim=dot", "optim.delta=0.2"], "optim.momentum=0.9 and optim.delta=0.2 must give "
                                                                    "momentum - delta >= 0 and momentum + delta < 1"),
+    # --- quantization-aware distillation (README "Export and quantization") ---
+    "qat of another paradigm": (["paradigm=online", "quantize=qat"],
+                                "paradigm=online ships another model: use quantize=int8 (post-training) for it"),
+    "qat under autocast": (["quantize=qat", "precision=bf16"], "quantize=qat trains with fake quantization in fp32, "
+                                                               "not under autocast: pass precision=fp32"),
+    "qat compiled": (["quantize=qat", "compile=true"], "quantize=qat trains a torch.export graph that torch.compile "
+                                                       "does not take here: pass compile=false"),
+    "zero qat epochs": (["quantize=qat", "quantize.epochs=0"], "quantize.epochs=0 must be >= 1 epochs"),
+    "zero qat lr": (["quantize=qat", "quantize.lr_scale=0"], "quantize.lr_scale=0.0 must be > 0"),
 }
 
 HEAVY = {

@@ -27,7 +27,7 @@ GROUPS = {
     "assistant": "the middle model of paradigm=assistant, a model preset (or assistant.name=...)",
     "optim": "optimizer",
     "sched": "learning-rate schedule",
-    "quantize": "the shipped model after training: none, or int8 (ONNX Runtime, calibrated; kdrun[deploy])",
+    "quantize": "the shipped model: none, int8 (ONNX Runtime, after training) or qat (quantization-aware; kdrun[deploy])",
     "prune": "the student pruned by channels (Torch-Pruning): none, teacher, student, distilled; prune.ratio=0.5",
     "experiment": "a published recipe that sets the values above (the CIFAR-100 and ImageNet pairs of the literature)",
     "recipe": "a training recipe alone (epochs, optimizer, schedule) for any pair: +recipe=cifar100 or +recipe=imagenet",

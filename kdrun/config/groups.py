@@ -165,8 +165,16 @@ class MultiStepSchedConfig(SchedConfig):
 
 @dataclass
 class QuantizeConfig:
-    name: str = "none"          # none, or int8: ONNX Runtime's static int8 quantization after training
+    name: str = "none"          # none; int8: ONNX Runtime static int8 after training; qat: QatConfig
     calibration: int = 512      # training images that calibrate the activations' ranges
+
+
+@dataclass
+class QatConfig(QuantizeConfig):
+    """quantize=qat: the distilled student fine-tuned with fake quantization, still distilling (its observers
+    follow the training batches; `calibration` serves the post-training int8 model the run also reports)."""
+    epochs: int = 2             # epochs of quantization-aware distillation after the fp32 distillation
+    lr_scale: float = 0.01      # their lr: the student's lr times this (BatchNorm folded: small steps)
 
 
 # --- structured pruning of the student (conf/prune/, README "Pruning") ----------------------------------
@@ -220,7 +228,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "distill": {"method": DistillMethod, "logit_standardized": LogitStandardizedMethod},
     "optim": {"sgd": SGDConfig, "adamw": AdamWConfig, "dot": DOTConfig},
     "sched": {"plain": SchedConfig, "multistep": MultiStepSchedConfig},
-    "quantize": {"plain": QuantizeConfig},
+    "quantize": {"plain": QuantizeConfig, "qat": QatConfig},
     "prune": {"plain": PruneConfig},
     "paradigm": {"plain": ParadigmConfig, "online": OnlineParadigm, "self": SelfParadigm,
                  "multi_teacher": MultiTeacherParadigm},

@@ -75,7 +75,7 @@ class KdrunConfig:
     lr_base_batch: int = 64
     # The shipped model (README "Export and quantization"): export=onnx, export=[onnx,program,torchscript]
     export: Any = None                # a format name or a list of them; none or null: no export
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)   # conf/quantize/: none, int8
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)   # conf/quantize/: none, int8, qat
     prune: PruneConfig = field(default_factory=PruneConfig)   # conf/prune/: none, teacher, student, distilled
 
 

@@ -2,7 +2,10 @@
 program, torchscript) and quantized to int8 (quantize=int8), then run on the test split by the runtime
 that would serve it, compared with the PyTorch model's logits, and timed with the run's models.
 
-metrics.json gains one entry per ONNX artifact (`student_onnx`, `student_int8`: top-1, top-5, NLL, ECE,
+quantize=qat trains the fake-quantized student here (kdrun.stages.qat, through the paradigm's `qat`), then
+converts and exports it (kdrun.deploy.qat) and checks it as it checks the others.
+
+metrics.json gains one entry per ONNX artifact (`student_onnx`, `student_int8`, `student_qat`: top-1, top-5, NLL, ECE,
 size_mb, latency_ms, throughput, max_abs_logit_diff, agreement, top1_drop, speedup_vs_fp32) and `export`
 (the files, the parity of each format, the calibration). A model that cannot be exported or quantized
 keeps its training results: they are written, then the run ends with the one-line error.
@@ -21,6 +24,7 @@ from torch import nn
 from kdrun.config.deploy_checks import export_formats
 from kdrun.deploy.export import FORMATS, export_model, export_program, write_preprocessing
 from kdrun.deploy.onnx_runtime import OnnxRuntimeModel, onnxruntime
+from kdrun.deploy.qat import QAT_FILE, export_int8
 from kdrun.deploy.quantize import INT8_FILE, quantize_int8
 from kdrun.engine import distributed
 from kdrun.engine.evaluate import predict
@@ -30,6 +34,7 @@ from kdrun.evaluation.cost import timing_threads
 from kdrun.evaluation.metrics import classification_metrics
 from kdrun.paradigms.result import ParadigmResult, model_metrics, predict_test_split, runtime_cost
 from kdrun.stages.context import RunContext
+from kdrun.stages.qat import QAT_DIR, check_qat_run, example_images, qat_recipe
 
 log = logging.getLogger("kdrun")
 
@@ -51,12 +56,18 @@ def check_exportable(ctx: RunContext) -> None:
     """Before any stage trains: the untrained model of the shipped role goes through torch.export, so a
     model with data-dependent control flow fails now, in seconds, not after training."""
     formats, quantize = wanted(ctx)
+    if quantize == "qat" and distributed.active():  # every process says it, none waits for the others
+        raise KdrunError("quantize=qat trains the fake-quantized student in one process: launch kdrun without "
+                         "torchrun (or use quantize=int8 after a torchrun run)")
     if not (formats or quantize != "none") or not distributed.is_main():
         return
-    if "onnx" in formats or quantize == "int8":
+    if "onnx" in formats or quantize != "none":
         onnxruntime()  # the check runs there: say now that the package is missing
+    if quantize == "qat":
+        check_qat_run(ctx)  # captured and fake-quantized: what the QAT stage will do to the trained student
     role = deployable_role(ctx)
     model = ctx.build_model(role).eval()
+    # quantize=qat's check above went through torch.export already
     targets = [f for f in formats if f != "torchscript"] or (["onnx"] if quantize == "int8" else [])
     if targets:
         export_program(model, example_images(ctx), ctx.cfg[role].name, targets[0])
@@ -72,16 +83,24 @@ def deploy(ctx: RunContext, result: ParadigmResult) -> Optional[KdrunError]:
     reference = result.models[key]
     name = reference["name"]
     directory = ctx.run_dir / EXPORT_DIR
-    files_wanted = formats + (["onnx"] if quantize == "int8" and "onnx" not in formats else [])
+    # quantize=qat also quantizes the fp32 student after training, as quantize=int8 does: the table shows what
+    # the QAT epochs bought over post-training quantization of the same student
+    post_training = quantize in ("int8", "qat")
+    files_wanted = formats + (["onnx"] if post_training and "onnx" not in formats else [])
+    example = example_images(ctx)
     exported = copy.deepcopy(getattr(model, "_orig_mod", model)).cpu().float().eval()
     reference["size_mb"] = state_size_mb(exported)
     report: dict = {"directory": str(directory), "formats": formats, "quantize": quantize}
     result.extra["export"] = report
     try:
-        files = export_model(exported, example_images(ctx), directory, files_wanted, name)
+        files = export_model(exported, example, directory, files_wanted, name)
         shipped = {fmt: path for fmt, path in files.items() if fmt in formats}
-        if quantize == "int8":
+        if post_training:
             shipped["int8"] = directory / INT8_FILE
+        qat = None
+        if quantize == "qat":
+            qat = result.qat()  # the QAT stage trains here: its failure keeps the fp32 results
+            shipped["qat"] = export_int8(qat.model, example, directory / QAT_FILE, name)
         report["preprocessing"] = str(write_preprocessing(directory, ctx.data, name, shipped))
         logits, labels = result.test_logits.get(key), result.labels
         if logits is None or labels is None:  # a paradigm that keeps no test logits of the shipped model
@@ -100,7 +119,7 @@ def deploy(ctx: RunContext, result: ParadigmResult) -> Optional[KdrunError]:
             if report[fmt]["max_abs_logit_diff"] > PARITY_TOLERANCE:
                 log.warning("export=%s: logits differ from PyTorch's by up to %.2g (more than %g)", fmt,
                             report[fmt]["max_abs_logit_diff"], PARITY_TOLERANCE)
-        if quantize == "int8":
+        if post_training:
             count = int(ctx.cfg.quantize.calibration)
             path = quantize_int8(files["onnx"], directory / INT8_FILE, ctx.data, count, ctx.cfg.seed, name)
             report["int8"] = {"path": str(path), "size_mb": file_mb(path), "backend": "onnxruntime",
@@ -109,6 +128,20 @@ def deploy(ctx: RunContext, result: ParadigmResult) -> Optional[KdrunError]:
             add(result, key, "int8", int8)
             if "onnx" not in formats:  # only the int8 model was asked for: its fp32 source was a means
                 files["onnx"].unlink()
+        if qat is not None:
+            path, recipe = shipped["qat"], qat_recipe(ctx)
+            runtime = OnnxRuntimeModel(path, threads)
+            fake_quant, _ = predict_test_split(ctx, qat.model)
+            int8_logits, _ = predict_test_split(ctx, runtime)
+            metrics = artifact(ctx, runtime, f"{name} qat", path, logits, labels, reference, int8_logits)
+            add(result, key, "qat", metrics)
+            report["qat"] = {
+                "path": str(path), "size_mb": file_mb(path), "backend": "torchao pt2e + onnxruntime",
+                "epochs": recipe.epochs, "lr": recipe.lr, "checkpoint": str(ctx.run_dir / QAT_DIR / "checkpoints"),
+                "history": qat.history,
+                # the converted int8 file against the fake-quantized model it came from: what conversion changed
+                "fake_quant_top1": classification_metrics(fake_quant, labels)["top1"],
+                "max_abs_diff_fake_quant": float((int8_logits - fake_quant).abs().max())}
     except KdrunError as error:
         report["error"] = str(error)
         return error
@@ -118,9 +151,11 @@ def deploy(ctx: RunContext, result: ParadigmResult) -> Optional[KdrunError]:
 
 
 def artifact(ctx: RunContext, runtime: nn.Module, name: str, path: Path, reference_logits: torch.Tensor,
-             labels: torch.Tensor, reference: dict) -> dict:
-    """The test metrics of a model another runtime runs, beside the PyTorch model's (`reference`)."""
-    logits, _ = predict(runtime, ctx.data.test, ctx.cfg.batch_size, ctx.device)
+             labels: torch.Tensor, reference: dict, logits: Optional[torch.Tensor] = None) -> dict:
+    """The test metrics of a model another runtime runs (its test `logits`, predicted here unless given),
+    beside the PyTorch model's (`reference`)."""
+    if logits is None:
+        logits, _ = predict(runtime, ctx.data.test, ctx.cfg.batch_size, ctx.device)
     cost = runtime_cost(ctx, runtime, name, reference["params"], reference["flops"])
     top1 = classification_metrics(logits, labels)["top1"]
     return model_metrics(ctx, runtime, name, logits, labels, cost=cost, path=str(path), size_mb=file_mb(path),
@@ -133,7 +168,7 @@ def add(result: ParadigmResult, key: str, kind: str, metrics: dict) -> None:
     """An artifact's metrics under `<key>_<kind>` and its row right after the rows of `key`'s model."""
     result.models[f"{key}_{kind}"] = metrics
     position = next(i for i, (_, m) in enumerate(result.rows) if m is result.models[key]) + 1
-    while position < len(result.rows) and result.rows[position][0] in ("onnx", "int8"):
+    while position < len(result.rows) and result.rows[position][0] in ("onnx", "int8", "qat"):
         position += 1
     result.rows.insert(position, (kind, metrics))
 
@@ -144,7 +179,7 @@ def compare_speed(result: ParadigmResult) -> None:
         return
     key = result.deployable[0]
     reference = result.models.get(key) or {}
-    for kind in ("onnx", "int8"):
+    for kind in ("onnx", "int8", "qat"):
         metrics = result.models.get(f"{key}_{kind}")
         if metrics and metrics.get("latency_ms") and reference.get("latency_ms"):
             metrics["speedup_vs_fp32"] = reference["latency_ms"] / metrics["latency_ms"]
@@ -167,11 +202,6 @@ def load_pytorch_artifact(fmt: str, path: Path) -> nn.Module:
             warnings.simplefilter("ignore")  # jit.load is deprecated in recent torch, as jit.trace
             return torch.jit.load(str(path), map_location="cpu")
     raise ValueError(f"not a PyTorch format: {fmt} (one of {sorted(FORMATS)})")
-
-
-def example_images(ctx: RunContext) -> torch.Tensor:
-    """Two test images on the CPU: what the exporters trace with (the batch dimension stays dynamic)."""
-    return torch.stack([ctx.data.test[i][0] for i in range(min(2, len(ctx.data.test)))]).float().cpu()
 
 
 def state_size_mb(model: nn.Module) -> float:

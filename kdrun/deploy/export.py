@@ -104,6 +104,12 @@ def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, model
 
 def export_failure(target: str, model_name: str, error: BaseException) -> str:
     """The one line for a model that does not export: the operator where the message names one."""
+    return (f"export={target}: student {model_name} cannot be exported: {failure_cause(error)}; the training results "
+            f"are kept in metrics.json: export another format (export=program, export=torchscript) or pass export=none")
+
+
+def failure_cause(error: BaseException) -> str:
+    """Why torch.export or the ONNX exporter failed, in a few words: the operator where the message names one."""
     text = str(error)
     operator = re.search(r"\baten[.:]{1,2}[A-Za-z_0-9.]+", text)
     if "data-dependent" in text or "data dependent" in text:
@@ -112,8 +118,7 @@ def export_failure(target: str, model_name: str, error: BaseException) -> str:
         cause = f"operator {operator.group(0)} is not supported"
     else:
         cause = one_line(error)
-    return (f"export={target}: student {model_name} cannot be exported: {cause}; the training results are kept "
-            f"in metrics.json: export another format (export=program, export=torchscript) or pass export=none")
+    return cause
 
 
 def write_preprocessing(directory: Path, data: DataBundle, model_name: str, files: dict[str, Path]) -> Path:

@@ -10,6 +10,7 @@ from kdrun.paradigms.registry import PARADIGMS
 from kdrun.paradigms.result import (ParadigmResult, baseline_evaluated, evaluated_teacher, model_metrics,
                                     predict_test_split, references, term_temperatures, training_summary)
 from kdrun.stages.context import RunContext
+from kdrun.stages.qat import quantization_aware
 from kdrun.stages.roles import distill_student
 from kdrun.stages.stored_teacher import stored_teacher, stored_teacher_metrics
 from kdrun.stages.steps import Step, baseline_step, distill_step, teacher_step
@@ -60,7 +61,8 @@ def run(ctx: RunContext) -> ParadigmResult:
         models={"teacher": teacher_metrics, "baseline": baseline_metrics, "student": student_metrics},
         rows=[("teacher", teacher_metrics), ("baseline", baseline_metrics), ("distilled", student_metrics)],
         history=student.result.history, footer=footer, temperatures=term_temperatures(student.loss),
-        test_logits=test_logits, labels=labels, deployable=("student", student.model))
+        test_logits=test_logits, labels=labels, deployable=("student", student.model),
+        qat=(lambda: quantization_aware(ctx, teacher_model, student)) if cfg.quantize.name == "qat" else None)
 
 
 def footer(metrics: dict) -> str:

@@ -39,6 +39,9 @@ class ParadigmResult:
     labels: Optional[torch.Tensor] = None
     # The model a deployment ships (export=, quantize=): the metrics.json key it is reported under, and the model.
     deployable: Optional[tuple[str, nn.Module]] = None
+    # quantize=qat: trains the fake-quantized student (kdrun.stages.qat); the deploy step calls it, so that a
+    # failure there keeps the results of the stages before it
+    qat: Optional[Callable[[], StageOutcome]] = None
 
 
 def predict_test_split(ctx: RunContext, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
