@@ -22,6 +22,12 @@ from pathlib import Path
 
 import pytest
 
+# The README's command runs the suite in two pytest-xdist workers (one per core of a 2-core machine): one torch
+# thread in each, and in the kdrun processes they start, keeps them from competing for the cores. Set before
+# any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Tiny, fast experiment: 16x16 synthetic images, CIFAR-style ResNet-8 student, ResNet-14 teacher.
 _TINY = (
     "dataset=synthetic", "dataset.image_size=16", "dataset.train_size=320", "dataset.test_size=64",

@@ -147,6 +147,12 @@ LIGHT = {
                                                        "does not take here: pass compile=false"),
     "zero qat epochs": (["quantize=qat", "quantize.epochs=0"], "quantize.epochs=0 must be >= 1 epochs"),
     "zero qat lr": (["quantize=qat", "quantize.lr_scale=0"], "quantize.lr_scale=0.0 must be > 0"),
+    # --- pruning (README "Pruning") ---
+    "prune ratio above 1": (["prune.ratio=1.5"], "prune.ratio=1.5 must be strictly between 0 and 1"),
+    "prune ratio of 0": (["prune.ratio=0"], "prune.ratio=0.0 must be strictly between 0 and 1"),
+    "prune with the online paradigm": (["prune.ratio=0.5", "paradigm=online"],
+                                       "prune.ratio with paradigm=online: pruning builds the student of paradigm=offline"),
+    "prune importance unknown": (["prune.ratio=0.5", "prune.importance=taylor"], "prune.importance=taylor must be l2 or l1"),
 }
 
 HEAVY = {
