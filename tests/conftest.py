@@ -104,7 +104,8 @@ def kdrun(tmp_path):
 E2E_FILES = {
     "test_cli_run.py",        # full runs of the CLI: outputs, cache reuse, resume after SIGKILL, progress bars
     "test_determinism.py",    # the same CLI run twice, then torn files and a rerun
-    "test_methods_cli.py",    # every method through a `kdrun -m` sweep, two model pairs
+    "test_methods_cli.py",    # every method through a `kdrun -m` sweep, a timm pair ...
+    "test_methods_cli_torchvision.py",  # ... and a torchvision pair
     "test_sweep_plugins.py",  # joblib / submitit / optuna sweeps of the CLI
     "test_sweep_report.py",   # a 4-job CLI sweep and kdrun-report on it
     "test_packaging.py",      # builds the wheel, runs the installed CLI

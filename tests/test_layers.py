@@ -12,9 +12,9 @@ LAYERS = [
     "cli",          # the `kdrun` command: argv, help, Hydra entry, exit codes
     "sweeps",       # Hydra callbacks, job bookkeeping, the sweep report (kdrun-report)
     "run",          # the pipeline of one run: context, paradigm, results -> metrics.json, table, TensorBoard
-    "deploy",       # the shipped model: export, int8 quantization, each checked on the test split
     "paradigms",    # which models a run trains and how (registered), each returning its evaluated models
     "stages",       # a model in a role, trained or loaded through the stage cache
+    "deploy",       # the shipped model's files: export, int8 (post-training, quantization-aware), ONNX Runtime
     "tensorboard",  # event files, run summaries, soft-target figures
     "engine",       # the one training loop, step, evaluation, checkpoints, caches, DDP, speed switches
     "models",       # factory and feature taps

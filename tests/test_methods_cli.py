@@ -1,4 +1,6 @@
-"""Every method through the real `kdrun -m` command, once with a timm pair and once with a torchvision pair.
+"""Every method through the real `kdrun -m` command, once with a timm pair (here) and once with a torchvision
+pair (test_methods_cli_torchvision.py: a file of its own, so that the suite's two workers run the two sweeps
+side by side).
 
 One sweep per pair keeps this cheap: the teacher is trained once and each method is one job of the sweep.
 """
@@ -25,10 +27,10 @@ def weighted_terms(method: str) -> set[str]:
     return {name for name, spec in terms.items() if spec.get("weight", 1.0) != 0}
 
 
-@pytest.fixture(scope="module", params=sorted(PAIRS))
-def sweep(request, tmp_path_factory, run_kdrun, read_metrics):
-    teacher, student = PAIRS[request.param]
-    cwd = tmp_path_factory.mktemp(f"methods_{request.param}")
+def run_sweep(pair: str, tmp_path_factory, run_kdrun, read_metrics) -> tuple[str, dict]:
+    """Every method as one job of a `kdrun -m` sweep with the pair's teacher and student; (pair, method -> job dir)."""
+    teacher, student = PAIRS[pair]
+    cwd = tmp_path_factory.mktemp(f"methods_{pair}")
     proc = run_kdrun(["-m", f"distill={','.join(METHODS)}", f"teacher.name={teacher}", f"student.name={student}",
                       "dataset=synthetic", "dataset.image_size=32", "dataset.train_size=64", "dataset.test_size=32",
                       "epochs=1", "batch_size=32", "baseline=false", "progress=false", "tb_figures=0",
@@ -38,7 +40,12 @@ def sweep(request, tmp_path_factory, run_kdrun, read_metrics):
     for job_dir in (cwd / "sweep").iterdir():
         if job_dir.is_dir() and (job_dir / "metrics.json").is_file():
             jobs[read_metrics(job_dir)["method"]] = job_dir
-    return request.param, jobs
+    return pair, jobs
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, run_kdrun, read_metrics):
+    return run_sweep("timm", tmp_path_factory, run_kdrun, read_metrics)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,6 +1,6 @@
 """The loss-term registry and the check of a method's terms against it.
 
-Every term class registers itself where it is defined, with its family (response, feature, relation):
+Every term class registers itself where it is defined, with its family (response, feature, relation, head: the terms that read a model through kdrun.models.head):
 
     @TERMS.register("kd", family="response")
     class KDTerm(nn.Module):

@@ -54,7 +54,7 @@ def dkd_rows(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor
     return (alpha * tckd + beta * nckd) * (T * T)
 
 
-@TERMS.register("sdd", family="response")
+@TERMS.register("sdd", family="head")   # reads the final maps through kdrun.models.head
 class SDDTerm(nn.Module):
     """Scale decoupled distillation on top of KD or DKD (`base`).
 

@@ -20,7 +20,7 @@ from kdrun import __version__
 from kdrun.config.paradigm_checks import paradigm_name, unread_settings
 from kdrun.config.prune_checks import student_config
 from kdrun.data import build_dataset, describe
-from kdrun.deploy.artifacts import check_exportable, compare_speed, deploy
+from kdrun.run.artifacts import check_exportable, compare_speed, deploy
 from kdrun.distill import check_terms, needs_strong_view
 from kdrun.engine import distributed
 from kdrun.engine.seeding import seed_everything
