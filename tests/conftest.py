@@ -8,7 +8,7 @@ Two layers, told apart by markers that pytest_collection_modifyitems below adds:
 - `slow`: every `e2e` test, and the unit tests that train long enough to matter (marked in their files,
   or listed in SLOW_UNIT_TESTS here).
 
-    python -m pytest -q                 # everything (the README's command, and CI's)
+    python -m pytest -q -n 2 --dist loadfile   # everything, in two workers (the README's command, and CI's)
     python -m pytest -q -m "not slow"   # the fast unit layer only
     python -m pytest -q -m "not e2e"    # every unit test, the slow ones too
 """
