@@ -27,6 +27,9 @@ import pytest
 # any test module imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The runs' speed figures: 5 timed rounds each, not the 1 s a user's run spends on each (the tests check the
+# figures' keys and relations, not their precision).
+os.environ.setdefault("KDRUN_TIMING_BUDGET_S", "0")
 
 # Tiny, fast experiment: 16x16 synthetic images, CIFAR-style ResNet-8 student, ResNet-14 teacher.
 _TINY = (

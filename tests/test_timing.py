@@ -207,3 +207,20 @@ def test_dynamo_hitting_its_limit_is_said_once_in_one_line():
         dynamo_log.removeHandler(handler)
     assert seen == ["compile=true: 'forward' (/x/cifar_common.py:105) was recompiled too often (torch._dynamo's "
                     "recompile limit); it runs uncompiled from here on", "another warning"]
+
+
+def test_timing_budget_comes_from_the_environment(monkeypatch):
+    from kdrun.errors import KdrunError
+
+    monkeypatch.delenv(cost.BUDGET_VARIABLE, raising=False)
+    assert cost.timing_budget() == cost.BUDGET_SECONDS == 1.0
+    monkeypatch.setenv(cost.BUDGET_VARIABLE, "0.25")
+    assert cost.timing_budget() == 0.25
+    monkeypatch.setenv(cost.BUDGET_VARIABLE, "0")
+    calls = []
+    timed = cost._alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, lambda: None)
+    assert len(timed["a"]) == len(timed["b"]) == cost.MIN_RUNS   # no round beyond the minimum
+    for bad in ("-1", "soon"):
+        monkeypatch.setenv(cost.BUDGET_VARIABLE, bad)
+        with pytest.raises(KdrunError, match=f"KDRUN_TIMING_BUDGET_S={bad} must be a number of seconds >= 0"):
+            cost.timing_budget()

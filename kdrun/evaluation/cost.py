@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import statistics
 import time
 from typing import Callable, Hashable, Optional
@@ -19,10 +20,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdrun.errors import KdrunError
+
 WARMUP_RUNS = 2
 MIN_RUNS = 5           # timed rounds, at least ...
 MAX_RUNS = 25          # ... and at most, rounds being added while the budget lasts
-BUDGET_SECONDS = 1.0   # per figure (latency, throughput), all models together
+BUDGET_SECONDS = 1.0   # per figure (latency, throughput), all models together; KDRUN_TIMING_BUDGET_S overrides it
+BUDGET_VARIABLE = "KDRUN_TIMING_BUDGET_S"
 UNRELIABLE_SPREAD = 0.25   # a figure whose interquartile range exceeds this fraction of its median
 
 
@@ -46,6 +50,21 @@ def spread(samples: list[float]) -> float:
         return 0.0
     low, _, high = statistics.quantiles(samples, n=4, method="inclusive")
     return (high - low) / statistics.median(samples)
+
+
+def timing_budget() -> float:
+    """Seconds each figure may spend adding rounds beyond MIN_RUNS: BUDGET_SECONDS, or the environment's
+    KDRUN_TIMING_BUDGET_S (0: MIN_RUNS rounds only, e.g. for a sweep of many tiny jobs, or the test suite)."""
+    text = os.environ.get(BUDGET_VARIABLE, "").strip()
+    if not text:
+        return BUDGET_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise KdrunError(f"{BUDGET_VARIABLE}={text} must be a number of seconds >= 0, e.g. {BUDGET_VARIABLE}=1")
+    return value
 
 
 def timing_threads(device: torch.device) -> int:
@@ -83,8 +102,8 @@ def _alternate(calls: dict[Hashable, Callable[[], object]], sync: Callable[[], N
         for _ in range(WARMUP_RUNS):
             call()
     timings: dict[Hashable, list[float]] = {label: [] for label in calls}
-    order, rounds, started = list(calls), 0, time.perf_counter()
-    while rounds < MIN_RUNS or (rounds < MAX_RUNS and time.perf_counter() - started < BUDGET_SECONDS):
+    order, rounds, started, budget = list(calls), 0, time.perf_counter(), timing_budget()
+    while rounds < MIN_RUNS or (rounds < MAX_RUNS and time.perf_counter() - started < budget):
         for label in order if rounds % 2 == 0 else reversed(order):
             sync()
             begin = time.perf_counter()

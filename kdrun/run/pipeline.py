@@ -20,7 +20,7 @@ from kdrun import __version__
 from kdrun.config.paradigm_checks import paradigm_name, unread_settings
 from kdrun.config.prune_checks import student_config
 from kdrun.data import build_dataset, describe
-from kdrun.run.artifacts import check_exportable, compare_speed, deploy
+from kdrun.evaluation.cost import timing_budget
 from kdrun.distill import check_terms, needs_strong_view
 from kdrun.engine import distributed
 from kdrun.engine.seeding import seed_everything
@@ -29,6 +29,7 @@ from kdrun.errors import KdrunError
 from kdrun.models import check_model_name
 from kdrun.paradigms import PARADIGMS
 from kdrun.paradigms.result import time_models_of
+from kdrun.run.artifacts import check_exportable, compare_speed, deploy
 from kdrun.run.preflight import preflight
 from kdrun.run.pruning import report_pruning
 from kdrun.run.results import run_metrics, write_results
@@ -84,6 +85,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]
 def build_context(cfg: DictConfig, run_dir: Path, overrides: Optional[list[str]] = None) -> RunContext:
     """Device, speed switches, dataset and the checks that need them (kdrun.run.preflight), before any stage trains."""
     seed_everything(cfg.seed)
+    timing_budget()  # a bad KDRUN_TIMING_BUDGET_S ends the run now, not after training
     check_terms(cfg.distill)  # each term's type and options against its registered class
     check_model_name(cfg.teacher.name, "teacher")
     check_model_name(cfg.student.name, "student")
