@@ -3,8 +3,9 @@
 Each run is a directory with `metrics.json` and/or `.hydra/overrides.yaml`. The table shows the swept
 keys (overridden keys whose values differ between runs; a run that did not override a key has the value
 of its composed config, .hydra/config.yaml), teacher / baseline / student top-1, gain, agreement, ECE,
-params, latency, each deployed artifact's top-1, size and latency (export=, quantize=) and status. Completed runs that differ only in `seed` share a row: mean +- sample
-standard deviation over their seeds, or over repeats of one seed (said so: `0x2`). A run without
+params, latency, each deployed artifact's top-1, size and latency (export=, quantize=) and status.
+Completed runs that differ only in `seed` share a row: mean +- sample standard deviation over their seeds,
+or over repeats of one seed (said so: `0x2`). A run without
 metrics.json is `running` while a process holds its lock (kdrun/run_files.py), else `interrupted`.
 The report is printed and written into PATH (or --out DIR) as summary.csv, summary.md, PNG plots
 (report_plots.py) and an interactive report.html (report_html.py). A Hydra callback writes it at the end of every multirun (report_callback.py).
