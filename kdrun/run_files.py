@@ -26,8 +26,15 @@ HYDRA_FILES = (".hydra", "kdrun.log", RUN_LOCK)  # what exists before kdrun does
 # Overrides that change how a run goes, never its result: resuming finds the run without them, and
 # kdrun-report never shows them as swept.
 IGNORED_KEYS = ("resume", "progress")
+
 # A stage's resumable checkpoint and the one written an epoch before it (engine/last_checkpoint.py).
 LAST_CHECKPOINT, PREVIOUS_CHECKPOINT = "last.pt", "last.prev.pt"
+
+
+def deployed_artifacts(metrics: dict) -> dict[str, dict]:
+    """metrics.json's deployed artifacts (export=, quantize=): the `<role>_<kind>` entries, e.g. `student_int8`,
+    each with `top1_drop` from the PyTorch model it came from."""
+    return {key: value for key, value in metrics.items() if isinstance(value, dict) and "top1_drop" in value}
 
 
 def write_json_atomic(data: dict, path: Path) -> None:

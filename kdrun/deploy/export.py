@@ -63,13 +63,18 @@ def export_program(model: nn.Module, example: torch.Tensor, model_name: str, tar
         raise KdrunError(export_failure(target, model_name, error)) from error
 
 
-@contextlib.contextmanager
 def quiet_exporter():
     """The ONNX exporter's optimizer logs each pass at INFO through the root logger kdrun's log writes to."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    return quiet_logs(("onnxscript", "onnx_ir", "torch.onnx"), logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_logs(names: Iterable[str], level: int):
+    """These loggers at `level` and warnings ignored for the block: a library's messages, not the user's."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.WARNING)
+        logger.setLevel(level)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

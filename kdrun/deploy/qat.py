@@ -14,7 +14,6 @@ kernels, as it does for quantize=int8's model.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import warnings
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdrun.deploy.export import export_program, failure_cause, write_onnx
+from kdrun.deploy.export import export_program, failure_cause, quiet_logs, write_onnx
 from kdrun.errors import KdrunError, one_line
 
 QAT_FILE = "student.qat.onnx"
@@ -55,18 +54,9 @@ class FakeQuantized(nn.Module):
         return self
 
 
-@contextlib.contextmanager
 def quiet_torchao():
     """torchao's first import makes torch log a deprecation of its own pytree registration, not the user's."""
-    logger = logging.getLogger("torch.utils._pytree")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+    return quiet_logs(("torch.utils._pytree",), logging.ERROR)
 
 
 def prepare_qat(model: nn.Module, example: torch.Tensor, model_name: str) -> nn.Module:

@@ -33,23 +33,27 @@ class DistillLoss(nn.Module):
 
     @property
     def needs_teacher(self) -> bool:
-        return any(getattr(term, "needs_teacher", False) for term in self.terms.values())
+        return self._asked("needs_teacher")
 
     @property
     def needs_features(self) -> bool:
-        return any(getattr(term, "needs_features", False) for term in self.terms.values())
+        return self._asked("needs_features")
 
     @property
     def needs_strong_view(self) -> bool:
-        return any(getattr(term, "needs_strong_view", False) for term in self.terms.values())
+        return self._asked("needs_strong_view")
 
     @property
     def needs_head(self) -> bool:
-        return any(getattr(term, "needs_head", False) for term in self.terms.values())
+        return self._asked("needs_head")
 
     @property
     def needs_class_means(self) -> bool:
-        return any(getattr(term, "needs_class_means", False) for term in self.terms.values())
+        return self._asked("needs_class_means")
+
+    def _asked(self, flag: str) -> bool:
+        """Whether any weighted term sets this class attribute (needs_features, needs_head, ...)."""
+        return any(getattr(term, flag, False) for term in self.terms.values())
 
     def set_class_means(self, means: torch.Tensor) -> None:
         """Give the teacher's class-mean embeddings (K, D) to the terms that asked for them."""
@@ -127,7 +131,7 @@ def wants_pre_relu(distill_cfg: Mapping[str, Any]) -> bool:
 
 def needs_head(distill_cfg: Mapping[str, Any]) -> bool:
     """Whether any weighted term reads the models' final maps or heads (kdrun.models.head)."""
-    return any(getattr(cls, "needs_head", False) for _, cls, _, weight in _term_specs(distill_cfg) if weight)
+    return _any_term(distill_cfg, "needs_head")
 
 
 def build_loss(distill_cfg: Mapping[str, Any], shapes: Optional[FeatureShapes] = None) -> DistillLoss:

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import yaml
 
 from kdrun.errors import KdrunError, one_line
-from kdrun.run_files import IGNORED_KEYS, METRICS_FILE, run_is_live, write_text_atomic
+from kdrun.run_files import IGNORED_KEYS, METRICS_FILE, deployed_artifacts, run_is_live, write_text_atomic
 
 CSV_FILE, MARKDOWN_FILE = "summary.csv", "summary.md"
 _SKIPPED_DIRS = {".hydra", "checkpoints", "tb", "cache"}
@@ -122,12 +122,8 @@ COLUMNS = [
 ARTIFACT_FIELDS = (("top1", "top-1", "%"), ("size_mb", "size", "MB"), ("latency_ms", "latency", "ms"))
 
 
-def artifact_keys(metrics: dict) -> list[str]:
-    return [key for key, value in metrics.items() if isinstance(value, dict) and "top1_drop" in value]
-
-
 def artifact_columns(runs: list["Run"]) -> list[Column]:
-    keys = list(dict.fromkeys(key for run in runs if run.metrics for key in artifact_keys(run.metrics)))
+    keys = list(dict.fromkeys(key for run in runs if run.metrics for key in deployed_artifacts(run.metrics)))
     return [Column(f"{key}_{field}", f"{key.split('_', 1)[-1]} {header}",
                    lambda m, key=key, field=field: _model(m, key).get(field), unit)
             for key in keys for field, header, unit in ARTIFACT_FIELDS]

@@ -14,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from kdrun.engine.ranks import is_main
+from kdrun.run_files import deployed_artifacts
 from kdrun.tensorboard.hparams_config import SAME_AS_MAIN
 
 # Custom Scalars tab: accuracy first (student, baseline and teacher top-1 on one chart; the gain over the
@@ -109,14 +110,10 @@ def write_run_summary(run_dir: Path, cfg, metrics: dict, logits: Optional[dict[s
 ARTIFACT_SCALARS = (("top1", "top-1"), ("size_mb", "size (MB)"), ("latency_ms", "latency (ms)"))
 
 
-def artifacts(metrics: dict) -> dict[str, dict]:
-    return {key: value for key, value in metrics.items() if isinstance(value, dict) and "top1_drop" in value}
-
-
 def artifact_scalars(metrics: dict) -> list[tuple[str, str, float]]:
     """(tag, display name, value) of each artifact scalar a run with these metrics writes."""
     return [(f"deploy/{key}_{field}", f"{key.split('_', 1)[-1]} {name}", float(value[field]))
-            for key, value in artifacts(metrics).items()
+            for key, value in deployed_artifacts(metrics).items()
             for field, name in ARTIFACT_SCALARS if isinstance(value.get(field), (int, float))]
 
 
@@ -124,7 +121,7 @@ def write_artifacts(writer, metrics: dict, step: int) -> None:
     for tag, _, value in artifact_scalars(metrics):
         writer.add_scalar(tag, value, step)
     rows = []
-    for key, value in artifacts(metrics).items():
+    for key, value in deployed_artifacts(metrics).items():
         source = metrics.get(key.split("_", 1)[0]) or {}
         rows.append(f"| {key} | {100 * value['top1']:.2f} | {-100 * value['top1_drop']:+.2f} | "
                     f"{_number(value.get('size_mb'))} | {_number(source.get('size_mb'))} | "
